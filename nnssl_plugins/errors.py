@@ -1,0 +1,26 @@
+"""One exception type for user mistakes, and the CLI wrapper that turns it into one clear line.
+
+Library code raises `UserInputError("<file/argument>: <what is wrong>. <how to fix>")`; every
+`nnssl_*` command runs through `run_cli`, which prints `ERROR: <message>` to stderr and exits 2
+without a traceback. Programming errors still raise normally (they are bugs, not user input).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserInputError(Exception):
+    """Bad input from the user (file, argument, environment). The message names it and the fix."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    try:
+        rc = main()
+    except UserInputError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(rc or 0))
