@@ -1,0 +1,88 @@
+"""Transfer planner: give a labeled target dataset the pretraining checkpoint's plans.
+
+The target gets the checkpoint's architecture, spacing, patch size, normalization schemes and the
+*pretraining* intensity statistics (so CT normalization is identical to pretraining); only the
+dataset-specific fields (name, reader/writer, median shapes) come from the target. The result is a
+plain nnU-Net plans file: stock `nnUNetv2_preprocess -plans_name` and `nnUNetv2_train -p` use it,
+and stock `-pretrained_weights` then finds every key with the same shape.
+"""
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+from typing import Optional
+
+import numpy as np
+
+from nnssl_plugins.errors import UserInputError
+from nnssl_plugins.planners import unlabeled as U
+from nnssl_plugins.pretrain.common.adaptation import get_adaptation_plan
+from nnssl_plugins.utils.io import atomic_write_json, safe_torch_load
+
+
+def transfer_plans(target_dataset, checkpoint_path: str, plans_name: Optional[str] = None,
+                   num_processes: int = 1, allow_channel_mismatch: bool = False) -> str:
+    U.require_env()
+    ckpt = safe_torch_load(checkpoint_path)
+    plan = get_adaptation_plan(ckpt, checkpoint_path)
+    src_plans = plan["pretrain_plan"]
+    src_cfg_name = plan.get("pretrain_configuration", "3d_fullres")
+    name = U.dataset_name_from_id(target_dataset)
+    dataset_json = U.load_raw_dataset_json(name)
+    n_ch = len(U.channel_names(dataset_json))
+    n_pre = int(plan["pretrain_num_input_channels"])
+    if n_ch != n_pre and not allow_channel_mismatch:
+        raise UserInputError(
+            f"{name}: target has {n_ch} input channel(s) but {checkpoint_path} was pretrained with {n_pre}. "
+            f"Stock -pretrained_weights cannot adapt the first convolution; use the finetune trainer "
+            f"(-tr nnsslFinetuneTrainer, which repeats the stem kernel over channels) and run "
+            f"nnssl_transfer_plans with --allow-channel-mismatch.")
+    if "labels" not in dataset_json:
+        raise UserInputError(f"{name}/dataset.json: no 'labels' entry. Segmentation finetuning needs a labeled "
+                             f"target dataset (labels + labelsTr/).")
+    cases = U.list_cases(name, dataset_json)
+    if not U.is_labeled(cases):
+        missing = [k for k, v in cases.items() if v["label"] is None][:3]
+        raise UserInputError(f"{name}/labelsTr: no label for case(s) {missing}. Add labelsTr/<case>"
+                             f"{dataset_json['file_ending']} for every image.")
+    fp = U.extract_fingerprint(name, cases, dataset_json, num_processes=num_processes)
+
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    plans_name = plans_name or src_plans["plans_name"]
+    src_cfg = deepcopy(src_plans["configurations"][src_cfg_name])
+    for key in ("inherits_from", "previous_stage", "next_stage"):
+        src_cfg.pop(key, None)
+    src_cfg["data_identifier"] = f"{plans_name}_3d_fullres"
+    src_cfg["patch_size"] = list(plan["recommended_downstream_patchsize"])
+    spacing = np.array(src_cfg["spacing"], dtype=float)
+    new_shapes = [compute_new_shape(s, sp, spacing) for sp, s in zip(fp["spacings"], fp["shapes_after_crop"])]
+    src_cfg["median_image_size_in_voxels"] = [float(i) for i in np.median(new_shapes, 0)]
+    first = cases[sorted(cases)[0]]["images"][0]
+    plans = {
+        "dataset_name": name,
+        "plans_name": plans_name,
+        "original_median_spacing_after_transp": [float(i) for i in np.median(fp["spacings"], 0)],
+        "original_median_shape_after_transp": [int(round(i)) for i in np.median(fp["shapes_after_crop"], 0)],
+        "image_reader_writer": determine_reader_writer_from_dataset_json(dataset_json, first).__name__,
+        "transpose_forward": src_plans.get("transpose_forward", [0, 1, 2]),
+        "transpose_backward": src_plans.get("transpose_backward", [0, 1, 2]),
+        "configurations": {"3d_fullres": src_cfg},
+        "experiment_planner_used": "nnssl_transfer_plans",
+        "label_manager": src_plans.get("label_manager", "LabelManager"),
+        "foreground_intensity_properties_per_channel": deepcopy(src_plans["foreground_intensity_properties_per_channel"]),
+        "nnssl": {"transferred_from": os.path.abspath(checkpoint_path), "source_dataset": src_plans["dataset_name"],
+                  "source_plans": src_plans["plans_name"], "method": plan.get("method")},
+    }
+    if n_ch != n_pre:  # channel adaption by the finetune trainer: per-channel stats cannot come from pretraining
+        plans["foreground_intensity_properties_per_channel"] = deepcopy(fp["foreground_intensity_properties_per_channel"])
+        src_cfg["normalization_schemes"] = (src_cfg["normalization_schemes"] * n_ch)[:n_ch]
+        src_cfg["use_mask_for_norm"] = (src_cfg["use_mask_for_norm"] * n_ch)[:n_ch]
+    out = os.path.join(os.environ["nnUNet_preprocessed"], name, plans_name + ".json")
+    atomic_write_json(plans, out)
+    U.write_preprocessed_dataset_json(name, dataset_json)
+    print(f"Wrote {out}\nNext (stock nnU-Net):\n"
+          f"  nnUNetv2_preprocess -d {name} -plans_name {plans_name} -c 3d_fullres\n"
+          f"  nnUNetv2_train {name} 3d_fullres 0 -p {plans_name} -pretrained_weights {checkpoint_path}")
+    return plans_name

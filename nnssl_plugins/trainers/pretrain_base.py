@@ -1,0 +1,221 @@
+"""Base class of every pretraining trainer: nnU-Net's loop, images only, nnssl checkpoints.
+
+A method subclass implements two hooks and nothing else of the loop:
+  * `build_network_architecture(...)` (nnU-Net's static hook) → the pretraining network, a superset
+    of the backbone recorded in the plans (same module names),
+  * `compute_loss(data) -> (loss, logs)` on a batch of preprocessed image patches.
+Run length is data (`run_length = (epochs, iterations/epoch, val iterations)`), so `_smoke` variants
+are one-line subclasses.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, distributed as dist
+
+from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, _plain, make_adaptation_plan
+from nnssl_plugins.pretrain.common.data import nnsslDatasetBlosc2, pretraining_transforms
+from nnssl_plugins.utils.io import atomic_torch_save
+
+SMOKE = (2, 10, 2)  # epochs, train iterations per epoch, val iterations per epoch
+
+
+class nnsslPretrainTrainer(nnUNetTrainer):
+    method: str = None
+    #: (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch)
+    run_length: Tuple[int, int, int] = (1000, 250, 50)
+    grad_clip: float = 12.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.run_length
+        self.enable_deep_supervision = False
+        self.oversample_foreground_percent = 0.0
+        # resumability matters more than disk for long pretraining runs: checkpoint every few epochs
+        self.save_every = max(1, min(10, self.num_epochs // 10))
+        self._best_val_loss = None
+
+    # ------------------------------------------------------------------ hooks for methods
+    def compute_loss(self, data: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        raise NotImplementedError
+
+    def adaptation_plan_extras(self) -> dict:
+        """Method-specific additions to the checkpoint's adaptation plan."""
+        return {}
+
+    # ------------------------------------------------------------------ nnU-Net hooks
+    def initialize(self):
+        super().initialize()
+        if self.dataset_class.__name__ == "nnUNetDatasetBlosc2":
+            self.dataset_class = nnsslDatasetBlosc2
+
+    def _build_loss(self):
+        return None  # the method's compute_loss is the loss
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        mod = self._unwrapped_network()
+        if hasattr(mod, "decoder") and hasattr(mod.decoder, "deep_supervision"):
+            mod.decoder.deep_supervision = enabled
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        patch_size = tuple(self.configuration_manager.patch_size)
+        mirror_axes = tuple(range(len(patch_size)))
+        self.inference_allowed_mirroring_axes = mirror_axes
+        return (0.0, 0.0), False, patch_size, mirror_axes
+
+    @staticmethod
+    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        return pretraining_transforms(patch_size, mirror_axes)
+
+    @staticmethod
+    def get_validation_transforms(deep_supervision_scales, is_cascaded=False, foreground_labels=None,
+                                  regions=None, ignore_label=None):
+        return None
+
+    def _autocast(self):
+        # bf16 on GPUs that support it (no grad scaler needed); fp32 on CPU/MPS
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return autocast("cuda", dtype=dtype)
+        return dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs = self.compute_loss(data)
+        use_scaler = self.grad_scaler is not None and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        if use_scaler:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        if use_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        return {"loss": float(loss.detach().cpu()), **{k: float(v) for k, v in logs.items()}}
+
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        with self._autocast():
+            loss, logs = self.compute_loss(data)
+        return {"loss": float(loss.detach().cpu()), **{k: float(v) for k, v in logs.items()}}
+
+    def _mean_over_ranks(self, values: List[float]) -> float:
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, list(values))
+            values = [v for g in gathered for v in g]
+        return float(np.mean(values))
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        out = collate_outputs(train_outputs)
+        self.logger.log("train_losses", self._mean_over_ranks(out["loss"]), self.current_epoch)
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        out = collate_outputs(val_outputs)
+        self.logger.log("val_losses", self._mean_over_ranks(out["loss"]), self.current_epoch)
+        metric = self.validation_metric(out)
+        # progress.png plots a "pseudo dice" axis; reconstruction methods have none and log NaN
+        self.logger.log("mean_fg_dice", float(metric), self.current_epoch)
+        self.logger.log("dice_per_class_or_region", [float(metric)], self.current_epoch)
+
+    def validation_metric(self, collated_val_outputs: dict) -> float:
+        return float("nan")
+
+    def on_epoch_end(self):
+        self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
+        tr = self.logger.get_value("train_losses", step=-1)
+        va = self.logger.get_value("val_losses", step=-1)
+        self.print_to_log_file("train_loss", np.round(tr, decimals=4))
+        self.print_to_log_file("val_loss", np.round(va, decimals=4))
+        metric = self.logger.get_value("mean_fg_dice", step=-1)
+        if not math.isnan(metric):
+            self.print_to_log_file("val_metric", np.round(metric, decimals=4))
+        dt = self.logger.get_value("epoch_end_timestamps", step=-1) - self.logger.get_value("epoch_start_timestamps", step=-1)
+        self.print_to_log_file(f"Epoch time: {np.round(dt, decimals=2)} s")
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != (self.num_epochs - 1):
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if self._best_val_loss is None or va < self._best_val_loss:
+            self._best_val_loss = float(va)
+            self._best_ema = float(va)
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    def on_epoch_start(self):
+        self.logger.log("epoch_start_timestamps", time.time(), self.current_epoch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # pretraining has no segmentation to validate; the per-epoch reconstruction loss is the validation
+        self.print_to_log_file("Pretraining finished: no segmentation validation for self-supervised training. "
+                               f"Checkpoint: {join(self.output_folder, 'checkpoint_final.pth')}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _unwrapped_network(self):
+        from torch._dynamo import OptimizedModule
+
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        return mod
+
+    def adaptation_plan(self) -> dict:
+        cm = self.configuration_manager
+        return make_adaptation_plan(
+            arch_class_name=cm.network_arch_class_name,
+            arch_kwargs=cm.network_arch_init_kwargs,
+            arch_kwargs_requiring_import=cm.network_arch_init_kwargs_req_import,
+            pretrain_plan=self.plans_manager.plans,
+            pretrain_num_input_channels=self.num_input_channels,
+            recommended_downstream_patchsize=cm.patch_size,
+            method=self.method,
+            trainer_name=self.__class__.__name__,
+            pretrain_configuration=self.configuration_name,
+            **self.adaptation_plan_extras(),
+        )
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        init_args = dict(self.my_init_kwargs)
+        init_args["device"] = str(init_args.get("device", "cpu"))
+        checkpoint = {
+            "network_weights": self._unwrapped_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            # plain builtins only, so the file loads with torch.load(weights_only=True)
+            "logging": _plain(self.logger.get_checkpoint()),
+            "_best_ema": None if self._best_ema is None else float(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": _plain(init_args),
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": None if self.inference_allowed_mirroring_axes is None
+            else [int(i) for i in self.inference_allowed_mirroring_axes],
+            ADAPTATION_PLAN_KEY: self.adaptation_plan(),
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self._best_val_loss = self._best_ema
+        # nnU-Net stores the device as given; keep ours an object for the running process
+        self.my_init_kwargs["device"] = self.device

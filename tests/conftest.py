@@ -1,0 +1,114 @@
+"""Shared fixtures: an isolated nnU-Net workspace (env vars) and small raw datasets.
+
+Real data: ../shared/data (next to the repo) — the small TotalSegmentator CT with labels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+REAL_CT = os.path.join(SHARED_DATA, "ct", "totalseg_ct_sm.nii.gz")
+REAL_CT_SEG = os.path.join(SHARED_DATA, "ct", "totalseg_ct_sm_seg.nii.gz")
+
+# tests run on 2 CPU cores: no background augmentation workers, no torch.compile
+os.environ.setdefault("nnUNet_n_proc_DA", "0")
+os.environ.setdefault("nnUNet_compile", "false")
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Fresh nnUNet_raw / _preprocessed / _results under tmp_path (nnunetv2 reads them lazily)."""
+    paths = {}
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        d = tmp_path / name
+        d.mkdir()
+        monkeypatch.setenv(name, str(d))
+        paths[name] = str(d)
+    return paths
+
+
+def write_volume(path, array, spacing=(1.0, 1.0, 1.0), ref=None):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array)
+    if ref is not None:
+        img.CopyInformation(ref)
+    else:
+        img.SetSpacing(tuple(float(s) for s in spacing))
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def make_synthetic_dataset(raw_root, dataset_id=990, name="Syn", n_cases=3, labeled=False, channels=("CT",),
+                           shape=(40, 44, 48), spacing=(1.5, 1.1, 1.2), labels_in_json=None, seed=0):
+    """Blob phantoms: noisy background + a bright box (label 1) + a dark sphere (label 2)."""
+    rs = np.random.RandomState(seed)
+    ds = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
+    os.makedirs(os.path.join(ds, "imagesTr"))
+    if labeled:
+        os.makedirs(os.path.join(ds, "labelsTr"))
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    for i in range(n_cases):
+        lab = np.zeros(shape, np.uint8)
+        o = rs.randint(-3, 4, size=3)
+        lab[10 + o[0]:25 + o[0], 10 + o[1]:30 + o[1], 12 + o[2]:30 + o[2]] = 1
+        c = np.array(shape) // 2 + rs.randint(-4, 5, size=3) + np.array([5, 8, 8])
+        lab[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < 36] = 2
+        for ch in range(len(channels)):
+            img = (rs.randn(*shape) * 20 + 40).astype(np.float32)
+            img[lab == 1] += 300 + 50 * ch
+            img[lab == 2] -= 150
+            write_volume(os.path.join(ds, "imagesTr", f"case{i:02d}_{ch:04d}.nii.gz"), img, spacing)
+        if labeled:
+            write_volume(os.path.join(ds, "labelsTr", f"case{i:02d}.nii.gz"), lab, spacing)
+    dj = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "file_ending": ".nii.gz",
+          "numTraining": n_cases}
+    if labeled or labels_in_json:
+        dj["labels"] = labels_in_json or {"background": 0, "box": 1, "sphere": 2}
+    with open(os.path.join(ds, "dataset.json"), "w") as f:
+        json.dump(dj, f)
+    return ds
+
+
+@pytest.fixture
+def test_trainer_dir(tmp_path, monkeypatch):
+    """An extra nnUNet_extTrainer folder with stock-derived short trainers for finetuning tests."""
+    d = tmp_path / "ext_trainers"
+    d.mkdir()
+    (d / "nnssl_test_trainers.py").write_text(textwrap.dedent("""
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        class nnUNetTrainer_nnsslTest(nnUNetTrainer):
+            # stock trainer, only shorter: 1 epoch x 2 iterations
+            def __init__(self, plans, configuration, fold, dataset_json, device=None):
+                super().__init__(plans, configuration, fold, dataset_json, device)
+                self.num_epochs = 1
+                self.num_iterations_per_epoch = 2
+                self.num_val_iterations_per_epoch = 1
+    """))
+    from nnssl_plugins.cli.trainer_path import trainer_discovery_folder
+
+    cur = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if trainer_discovery_folder() not in cur:
+        cur.append(trainer_discovery_folder())
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join(cur + [str(d)]))
+    return str(d)
+
+
+def run_cmd(args, env=None, timeout=600):
+    """Run a console command; returns CompletedProcess (text)."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+BIN = os.path.dirname(sys.executable)
