@@ -4,3 +4,12 @@ from nnssl_plugins.trainers.mdae import (  # noqa: F401
     MDAEPretrainTrainer, MDAEPretrainTrainer_smoke, MDAEPretrainTrainer_flow, MDAEPretrainTrainer_fixedMask50,
     MDAEPretrainTrainer_flow_smoke,
 )
+from nnssl_plugins.trainers.stock_variants import nnUNetTrainer_nnsslSmoke  # noqa: F401
+from nnssl_plugins.trainers.finetune import (  # noqa: F401
+    nnsslFinetuneTrainer, nnsslFinetuneTrainer_full, nnsslFinetuneTrainer_frozenEncoder, nnsslFinetuneTrainer_150ep,
+    nnsslPrimusFinetuneTrainer, nnsslPrimusFinetuneTrainer_full, nnsslPrimusFinetuneTrainer_frozenEncoder,
+    nnsslPrimusFinetuneTrainer_150ep,
+)
+from nnssl_plugins.trainers.classification import (  # noqa: F401
+    nnsslClsTrainer, nnsslClsTrainer_Frozen, nnsslClsTrainer_balanced, nnsslClsTrainer_Frozen_balanced,
+)
