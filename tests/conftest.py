@@ -83,10 +83,11 @@ def test_trainer_dir(tmp_path, monkeypatch):
     d = tmp_path / "ext_trainers"
     d.mkdir()
     (d / "nnssl_test_trainers.py").write_text(textwrap.dedent("""
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+            nnUNetTrainerNoMirroring)
 
-        class nnUNetTrainer_nnsslTest(nnUNetTrainer):
-            # stock trainer, only shorter: 1 epoch x 2 iterations
+        class nnUNetTrainer_nnsslTest(nnUNetTrainerNoMirroring):
+            # stock trainer, only shorter: 1 epoch x 2 iterations, no test-time mirroring in validation
             def __init__(self, plans, configuration, fold, dataset_json, device=None):
                 super().__init__(plans, configuration, fold, dataset_json, device)
                 self.num_epochs = 1

@@ -13,3 +13,5 @@ from nnssl_plugins.trainers.finetune import (  # noqa: F401
 from nnssl_plugins.trainers.classification import (  # noqa: F401
     nnsslClsTrainer, nnsslClsTrainer_Frozen, nnsslClsTrainer_balanced, nnsslClsTrainer_Frozen_balanced,
 )
+from nnssl_plugins.trainers.hiend_mae import HiEndMAEPretrainTrainer, HiEndMAEPretrainTrainer_smoke  # noqa: F401
+from nnssl_plugins.trainers.maesil import MAESILPretrainTrainer, MAESILPretrainTrainer_smoke  # noqa: F401

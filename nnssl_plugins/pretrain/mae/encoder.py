@@ -30,13 +30,17 @@ from nnssl_plugins.pretrain.mae.config import validate_arch_kwargs
 
 
 class PrimusMAEBackbone(nn.Module):
-    def __init__(self, arch_kwargs: dict, input_channels: int):
+    def __init__(self, arch_kwargs: dict, input_channels: int, up_projection_classes: Optional[int] = None):
+        """up_projection_classes: if set, keep Primus's (untrained) segmentation decoder `up_projection` built
+        for that many output channels, so the state dict holds *every* key of the downstream Primus and stock
+        `-pretrained_weights` finds no missing key. Its conv shapes depend on the class count (PatchDecode's
+        channel schedule), so it must equal the downstream `num_segmentation_heads`. Never used in forward."""
         super().__init__()
         validate_arch_kwargs(arch_kwargs)
         kw = dict(arch_kwargs)
         kw["patch_embed_size"] = tuple(int(i) for i in kw["patch_embed_size"])
         kw["input_shape"] = tuple(int(i) for i in kw["input_shape"])
-        primus = Primus(input_channels=input_channels, num_classes=1, **kw)
+        primus = Primus(input_channels=input_channels, num_classes=int(up_projection_classes or 1), **kw)
         self.input_channels = int(input_channels)
         self.embed_dim = primus.embed_dim
         self.patch_size = kw["patch_embed_size"]
@@ -53,7 +57,10 @@ class PrimusMAEBackbone(nn.Module):
         self.key_to_stem = "down_projection"
         self.keys_to_in_proj = ("down_projection.proj",)
         self.key_to_lpe = "eva.pos_embed"
-        del primus  # its up_projection is the downstream decoder, not pretrained here
+        self.up_projection_classes = None if up_projection_classes is None else int(up_projection_classes)
+        if up_projection_classes is not None:
+            self.up_projection = primus.up_projection  # downstream decoder: present for key transfer, untrained
+        del primus
 
     @property
     def num_prefix(self) -> int:

@@ -65,7 +65,8 @@ class MAESIL(PrimusMAEBackbone):
     """state_dict = Primus encoder keys (down_projection.*, eva.*, mask_token) + mae_decoder.*"""
 
     def __init__(self, config: dict, input_channels: int):
-        super().__init__(config["arch_kwargs"], input_channels)
+        super().__init__(config["arch_kwargs"], input_channels,
+                         up_projection_classes=(config.get("method") or {}).get("up_projection_classes"))
         m = dict(DEFAULT_METHOD)
         m.update(config.get("method", {}) or {})
         for k in ("plane_mask_ratio", "axis_mask_ratio"):

@@ -1,0 +1,108 @@
+"""nnssl_demo: the whole chain on the embedded real CT, in a temporary nnU-Net workspace.
+
+  1. tiny MDAE pretraining on the (unlabeled) CT        nnssl_pretrain -m MDAE --preset tiny -tr _smoke
+  2. transfer the checkpoint's plans to a labeled copy  nnssl_transfer_plans
+  3. stock preprocessing of the labeled copy            nnUNetv2_preprocess -plans_name ...
+  4. a few iterations of stock nnU-Net finetuning       nnUNetv2_train ... -pretrained_weights ckpt
+Every step is the real command a user runs; each prints where its outputs are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from nnssl_plugins.errors import UserInputError, run_cli
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo")
+DEMO_LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
+
+
+def _bin(name: str) -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    return cand if os.path.isfile(cand) else name
+
+
+def _run(step: str, cmd: list, env: dict) -> None:
+    print(f"\n=== {step}\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise UserInputError(f"demo step '{step}' failed (exit {r.returncode}); its output is above.")
+    print(f"--- {step}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def make_demo_datasets(raw: str) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct = os.path.join(DEMO_DIR, "totalseg_ct_sm.nii.gz")
+    pre = os.path.join(raw, "Dataset901_DemoCTUnlabeled")
+    os.makedirs(os.path.join(pre, "imagesTr"), exist_ok=True)
+    shutil.copy(ct, os.path.join(pre, "imagesTr", "ct_0000.nii.gz"))
+    with open(os.path.join(pre, "dataset.json"), "w") as f:  # no labels: pretraining data
+        json.dump({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 1}, f)
+
+    tgt = os.path.join(raw, "Dataset902_DemoCTOrgans")
+    os.makedirs(os.path.join(tgt, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(tgt, "labelsTr"), exist_ok=True)
+    shutil.copy(ct, os.path.join(tgt, "imagesTr", "ct_0000.nii.gz"))
+    seg_img = sitk.ReadImage(os.path.join(DEMO_DIR, "totalseg_ct_sm_seg.nii.gz"))
+    seg = sitk.GetArrayFromImage(seg_img)
+    out = np.zeros_like(seg, dtype=np.uint8)
+    for new, (name, old) in enumerate(DEMO_LABELS.items(), start=1):
+        out[seg == old] = new
+    o = sitk.GetImageFromArray(out)
+    o.CopyInformation(seg_img)
+    sitk.WriteImage(o, os.path.join(tgt, "labelsTr", "ct.nii.gz"))
+    labels = {"background": 0, **{n: i for i, n in enumerate(DEMO_LABELS, start=1)}}
+    with open(os.path.join(tgt, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz", "numTraining": 1}, f)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nnssl_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=None, help="workspace (default: a new temporary folder, kept)")
+    p.add_argument("-device", default="cpu")
+    args = p.parse_args(argv)
+    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="nnssl_demo_"))
+    env = dict(os.environ)
+    for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[n] = os.path.join(work, n)
+        os.makedirs(env[n], exist_ok=True)
+    env.setdefault("nnUNet_n_proc_DA", "0")
+    env.setdefault("nnUNet_compile", "false")
+    print(f"nnssl_demo workspace: {work}\n(embedded real CT: {DEMO_DIR}, license TotalSegmentator-Apache-2.0.txt)")
+    make_demo_datasets(env["nnUNet_raw"])
+    spacing = ["3", "3", "3"]  # the CT's own resolution keeps the CPU demo to a few minutes
+    _run("1/4 tiny MDAE pretraining (plan + preprocess + 2x10 iterations)",
+         [_bin("nnssl_pretrain"), "-d", "901", "-m", "MDAE", "--preset", "tiny", "-tr", "_smoke", "-device",
+          args.device, "--spacing", *spacing], env)
+    ckpt = os.path.join(env["nnUNet_results"], "Dataset901_DemoCTUnlabeled",
+                        "MDAEPretrainTrainer_smoke__nnsslPlans_MDAE_tiny__3d_fullres", "fold_all",
+                        "checkpoint_final.pth")
+    print(f"Pretraining checkpoint: {ckpt}\nProgress plot: {os.path.join(os.path.dirname(ckpt), 'progress.png')}")
+    _run("2/4 transfer plans to the labeled target", [_bin("nnssl_transfer_plans"), "-d", "902", "-ckpt", ckpt], env)
+    _run("3/4 stock nnU-Net preprocessing", [_bin("nnUNetv2_preprocess"), "-d", "902", "-plans_name",
+                                             "nnsslPlans_MDAE_tiny", "-c", "3d_fullres", "-np", "1"], env)
+    _run("4/4 stock nnU-Net finetuning with the pretrained weights",
+         [_bin("nnUNetv2_train"), "902", "3d_fullres", "all", "-p", "nnsslPlans_MDAE_tiny", "-tr",
+          "nnUNetTrainer_nnsslSmoke", "-pretrained_weights", ckpt, "-device", args.device], env)
+    fin = os.path.join(env["nnUNet_results"], "Dataset902_DemoCTOrgans",
+                       "nnUNetTrainer_nnsslSmoke__nnsslPlans_MDAE_tiny__3d_fullres", "fold_all")
+    print(f"\nDemo finished. Finetuned model: {fin}\n  validation: {os.path.join(fin, 'validation')}\n"
+          f"  summary: {os.path.join(fin, 'validation', 'summary.json')}\nWorkspace kept at {work}")
+    return 0
+
+
+def main_cli():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    main_cli()
