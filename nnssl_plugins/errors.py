@@ -14,7 +14,16 @@ class UserInputError(Exception):
     """Bad input from the user (file, argument, environment). The message names it and the fix."""
 
 
+def quiet_library_warnings() -> None:
+    """Third-party deprecation chatter (torch.jit via timm/sam2 imports) is noise on our CLIs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit.*")
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
+    quiet_library_warnings()
     try:
         rc = main()
     except UserInputError as e:
