@@ -15,3 +15,7 @@ from nnssl_plugins.trainers.classification import (  # noqa: F401
 )
 from nnssl_plugins.trainers.hiend_mae import HiEndMAEPretrainTrainer, HiEndMAEPretrainTrainer_smoke  # noqa: F401
 from nnssl_plugins.trainers.maesil import MAESILPretrainTrainer, MAESILPretrainTrainer_smoke  # noqa: F401
+from nnssl_plugins.trainers.mass import (  # noqa: F401
+    MASSPretrainTrainer, MASSPretrainTrainer_smoke, MASSPretrainTrainer_onecycle, MASSPretrainTrainer_ema,
+    MASSPretrainTrainer_ema_smoke,
+)

@@ -1,0 +1,267 @@
+"""MASS pretraining sampler: one scan, two overlapping crops, K binary mask tasks per sample.
+
+Per batch entry (`MASSDataLoader.generate_train_batch`):
+  1. draw a case; open its mask store (`MaskStore`, header only; masks are read one by one);
+  2. query crop centre uniformly in the image, reference centre = query centre + a per-axis shift of
+     ±(1 − overlap^(1/3))·patch (±25 % jitter), so the two patch-sized crops share ≈ `overlap` (0.67) of
+     their volume (clamped to the image);
+  3. pick K−1 stored masks whose bounding box intersects BOTH crops (fallback: either crop, then
+     repetition), read each with `store.crop(i)` (its bbox only) and paste it into the two extraction
+     windows; channel 0 is the all-ones context mask (ones inside the image, zeros in padding);
+  4. each window is extracted at nnU-Net's enlarged initial patch size (room for rotation/scaling, as
+     `nnUNetTrainer` does), then augmented with batchgeneratorsv2: reference = weak affine (p 0.5 rotation
+     ±30°, p 0.5 isotropic scaling 0.7–1/0.7), query = strong affine (p 0.8 each; batchgeneratorsv2's
+     SpatialTransform has no shear, so shear 0.1 is NOT applied), masks go through the same SpatialTransform
+     call as the `segmentation` key (nearest interpolation); then intensity augmentation (noise, blur,
+     brightness, contrast, gamma — nnU-Net's settings) which touches the image only;
+  5. MR/PET channels (plans["nnssl"]["percentile_clip_channels"]): per-case 2–98 % percentile clip and
+     re-standardisation of the z-scored image (`percentile_clip_zscore`), statistics computed once per case.
+
+Batch: data = query [B, C, *P] float32, target = query masks [B, K, *P] uint8, ref [B, C, *P],
+ref_masks [B, K, *P] uint8, keys. It runs inside nnU-Net's (NonDet)MultiThreadedAugmenter like
+nnUNetDataLoader (transforms applied in the workers).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.data_loader import DataLoader
+
+from nnssl_plugins.errors import UserInputError
+
+ROT = math.pi / 6  # ±30°
+SCALE = (0.7, 1 / 0.7)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms
+# ----------------------------------------------------------------------------------------------------------
+def spatial_transform(patch_size, p: float):
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    return SpatialTransform(list(patch_size), patch_center_dist_from_border=0, random_crop=False,
+                            p_elastic_deform=0, p_rotation=p, rotation=(-ROT, ROT), p_scaling=p, scaling=SCALE,
+                            p_synchronize_scaling_across_axes=1, mode_seg="nearest", border_mode_seg="constant",
+                            padding_value_seg=0)
+
+
+def intensity_transforms():
+    """nnU-Net's default intensity augmentation (image only)."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    return [
+        RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
+                        apply_probability=0.1),
+        RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                              synchronize_axes=False, p_per_channel=0.5, benchmark=False),
+                        apply_probability=0.2),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.15),
+        RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                          synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
+        RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=1, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1), apply_probability=0.1),
+        RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1), apply_probability=0.3),
+    ]
+
+
+def mass_transforms(patch_size, strong: bool):
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    return ComposeTransforms([spatial_transform(patch_size, 0.8 if strong else 0.5)] + intensity_transforms())
+
+
+def extraction_size(patch_size) -> Tuple[int, ...]:
+    """nnU-Net's enlarged initial patch size for ±30° rotation and 0.7–1.43 scaling."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+    return tuple(int(i) for i in get_patch_size(list(patch_size), (-ROT, ROT), (-ROT, ROT), (-ROT, ROT), SCALE))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# intensity helper (MR/PET)
+# ----------------------------------------------------------------------------------------------------------
+def percentile_stats(image: np.ndarray, channels: Sequence[int], pct=(2.0, 98.0), max_samples: int = 500_000):
+    """{c: (lo, hi, mean, std)} of each channel's [lo, hi] = percentiles and the clipped values' mean/std."""
+    out = {}
+    for c in channels:
+        x = np.asarray(image[c]).ravel()
+        if x.size > max_samples:
+            x = x[:: int(math.ceil(x.size / max_samples))]
+        lo, hi = np.percentile(x, pct)
+        xc = np.clip(x, lo, hi)
+        out[int(c)] = (float(lo), float(hi), float(xc.mean()), float(max(xc.std(), 1e-8)))
+    return out
+
+
+def percentile_clip_zscore(crop: np.ndarray, stats: Dict[int, tuple]) -> np.ndarray:
+    """Apply per-case percentile clip + re-standardisation (official MASS MR/PET normalisation) in place."""
+    for c, (lo, hi, m, s) in stats.items():
+        crop[c] = (np.clip(crop[c], lo, hi) - m) / s
+    return crop
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------------------
+def _window(center: Sequence[int], size: Sequence[int]) -> List[Tuple[int, int]]:
+    return [(int(c) - s // 2, int(c) - s // 2 + s) for c, s in zip(center, size)]
+
+
+def extract_window(arr, win: List[Tuple[int, int]], n_lead: int = 1, dtype=np.float32) -> np.ndarray:
+    """arr[..., x0:x1, y0:y1, z0:z1] with zero padding outside the array (reads only the valid part)."""
+    shape = arr.shape[n_lead:]
+    out = np.zeros((*arr.shape[:n_lead], *[b - a for a, b in win]), dtype=dtype)
+    src = tuple(slice(max(a, 0), min(b, s)) for (a, b), s in zip(win, shape))
+    if any(s.stop <= s.start for s in src):
+        return out
+    dst = tuple(slice(s.start - a, s.stop - a) for s, (a, _) in zip(src, win))
+    out[(Ellipsis, *dst)] = np.asarray(arr[(Ellipsis, *src)])
+    return out
+
+
+def _overlaps(bboxes: np.ndarray, box: List[Tuple[int, int]]) -> np.ndarray:
+    ok = np.ones(len(bboxes), dtype=bool)
+    for ax, (a, b) in enumerate(box):
+        ok &= (bboxes[:, 2 * ax] < b) & (bboxes[:, 2 * ax + 1] > a)
+    return ok
+
+
+def sample_centers(shape, patch_size, overlap: float, rng: np.random.RandomState):
+    """Query and reference crop centres whose patch-sized crops overlap by ≈ `overlap` of the volume."""
+    shape, ps = np.array(shape), np.array(patch_size)
+    lo = np.minimum(ps // 2, shape // 2)
+    hi = np.maximum(shape - (ps - ps // 2), lo)
+    cq = np.array([rng.randint(a, b + 1) for a, b in zip(lo, hi)])
+    frac = 1 - overlap ** (1 / 3)
+    shift = np.round(ps * frac * rng.uniform(0.75, 1.25, 3) * rng.choice([-1, 1], 3)).astype(int)
+    cr = np.clip(cq + shift, lo, hi)
+    return cq, cr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader
+# ----------------------------------------------------------------------------------------------------------
+class MASSDataLoader(DataLoader):
+    def __init__(self, data, batch_size: int, patch_size: Sequence[int], mask_dir: str, num_masks: int = 13,
+                 overlap: float = 0.67, augment: bool = True, percentile_clip_channels: Sequence[int] = (),
+                 percentile=(2.0, 98.0)):
+        super().__init__(data, batch_size, 1, None, True, False, True, None)
+        self.indices = list(data.identifiers)
+        self.patch_size = tuple(int(i) for i in patch_size)
+        self.num_masks = int(num_masks)
+        if self.num_masks < 1:
+            raise UserInputError(f"num_masks={num_masks}: need at least 1 (the all-ones context mask).")
+        self.overlap = float(overlap)
+        self.mask_dir = mask_dir
+        self.augment = augment
+        self.ext_size = extraction_size(self.patch_size) if augment else self.patch_size
+        self.tr_ref = mass_transforms(self.patch_size, strong=False) if augment else None
+        self.tr_query = mass_transforms(self.patch_size, strong=True) if augment else None
+        self.pclip_channels = [int(c) for c in percentile_clip_channels]
+        self.percentile = tuple(percentile)
+        from nnssl_plugins.pretrain.masks import STORE_EXT
+
+        self._ext = STORE_EXT
+        missing = [k for k in self.indices if not os.path.isfile(os.path.join(mask_dir, k + STORE_EXT))]
+        if missing:
+            raise UserInputError(
+                f"{mask_dir}: no MASS mask store for {len(missing)} case(s) (e.g. {missing[:3]}). Generate them with "
+                f"nnssl_generate_masks (or nnssl_pretrain -m MASS, which does it before training).")
+        self._stores: Dict[str, object] = {}
+        self._pstats: Dict[str, dict] = {}
+
+    def _store(self, key):
+        st = self._stores.get(key)
+        if st is None:
+            from nnssl_plugins.pretrain.masks import MaskStore
+
+            st = self._stores[key] = MaskStore.open(os.path.join(self.mask_dir, key + self._ext))
+        return st
+
+    def _choose_masks(self, store, boxq, boxr, rng) -> List[int]:
+        k = self.num_masks - 1
+        if k == 0 or len(store) == 0:
+            return []
+        bb = np.asarray(store.bboxes).reshape(-1, 6)
+        oq, orr = _overlaps(bb, boxq), _overlaps(bb, boxr)
+        both = np.flatnonzero(oq & orr)
+        either = np.flatnonzero((oq | orr) & ~(oq & orr))
+        pick = list(rng.permutation(both)[:k])
+        if len(pick) < k:
+            pick += list(rng.permutation(either)[: k - len(pick)])
+        if not pick:
+            return []
+        while len(pick) < k:
+            pick.append(pick[rng.randint(len(pick))])
+        return [int(i) for i in pick]
+
+    def _masks_for_window(self, store, chosen, crops, win, img_shape) -> np.ndarray:
+        K = self.num_masks
+        out = np.zeros((K, *[b - a for a, b in win]), dtype=np.uint8)
+        inside = tuple(slice(max(0, -a), min(b, s) - a) for (a, b), s in zip(win, img_shape))
+        out[(0, *inside)] = 1  # all-ones context mask (zero in padding)
+        for j, i in enumerate(chosen):
+            sl, arr = crops[i]
+            src, dst = [], []
+            for (a, b), s in zip(win, sl):
+                lo, hi = max(a, s.start), min(b, s.stop)
+                if hi <= lo:
+                    break
+                src.append(slice(lo - s.start, hi - s.start))
+                dst.append(slice(lo - a, hi - a))
+            else:
+                out[(j + 1, *dst)] = arr[tuple(src)]
+        if not chosen and K > 1:
+            out[1:] = out[0]
+        return out
+
+    def sample(self, key: str, rng: Optional[np.random.RandomState] = None) -> dict:
+        rng = rng or np.random
+        data, _, _, _ = self._data.load_case(key)
+        shape = tuple(data.shape[1:])
+        store = self._store(key)
+        if tuple(store.shape) != shape:
+            raise UserInputError(f"{store.path}: mask grid {tuple(store.shape)} != preprocessed image {shape}. "
+                                 f"Regenerate the masks (nnssl_generate_masks --overwrite).")
+        cq, cr = sample_centers(shape, self.patch_size, self.overlap, rng)
+        boxq, boxr = _window(cq, self.patch_size), _window(cr, self.patch_size)
+        chosen = self._choose_masks(store, boxq, boxr, rng)
+        crops = {i: store.crop(i) for i in set(chosen)}
+        if self.pclip_channels and key not in self._pstats:
+            self._pstats[key] = percentile_stats(data, self.pclip_channels, self.percentile)
+        out = {}
+        for name, c, tr in (("query", cq, self.tr_query), ("ref", cr, self.tr_ref)):
+            win = _window(c, self.ext_size)
+            img = extract_window(data, win)
+            if self.pclip_channels:
+                percentile_clip_zscore(img, self._pstats[key])
+            msk = self._masks_for_window(store, chosen, crops, win, shape)
+            img_t, msk_t = torch.from_numpy(img), torch.from_numpy(msk)
+            if tr is not None:
+                d = tr(image=img_t, segmentation=msk_t)
+                img_t, msk_t = d["image"], d["segmentation"]
+            out[name] = (img_t.float(), msk_t.to(torch.uint8))
+        return out
+
+    def generate_train_batch(self):
+        keys = self.get_indices()
+        samples = [self.sample(k) for k in keys]
+        return {
+            "data": torch.stack([s["query"][0] for s in samples]),
+            "target": torch.stack([s["query"][1] for s in samples]),
+            "ref": torch.stack([s["ref"][0] for s in samples]),
+            "ref_masks": torch.stack([s["ref"][1] for s in samples]),
+            "keys": keys,
+        }
