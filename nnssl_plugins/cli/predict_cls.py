@@ -69,8 +69,11 @@ def predict(args) -> str:
     ckpt_path = os.path.join(fold_folder, args.chk)
     if not os.path.isfile(ckpt_path):
         raise UserInputError(f"{ckpt_path}: checkpoint not found. Finish the training or pass -chk checkpoint_best.pth.")
-    # nnU-Net's own checkpoints carry numpy objects in their logging entry; the file is one we trained ourselves
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    # nnU-Net's own checkpoints carry numpy scalars in their logging entry: allow-list those data types, keep
+    # weights_only loading (a tampered file cannot run code)
+    from nnssl_plugins.utils.io import safe_torch_load
+
+    ckpt = safe_torch_load(ckpt_path, map_location="cpu", allow_numpy=True)
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(args.c)

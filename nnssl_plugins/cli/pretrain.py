@@ -66,12 +66,16 @@ def main(argv=None) -> int:
     method = planner.method
     name = dataset_name_from_id(args.d)
     plans_name = args.pl or planner.default_plans_name(args.preset)
-    if not _plans_ready(name, plans_name) or args.spacing:
-        print(f"[1/3] Planning + preprocessing {name} for {method} ({plans_name})")
-        plan_and_preprocess(name, method, args.preset, args.np, plans_name, spacing=args.spacing)
-    else:
-        print(f"[1/3] {plans_name} already preprocessed for {name}")
-
+    # check every argument before planning writes anything
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
+    if args.num_gpus > 1 and device != "cuda":
+        raise UserInputError(f"-num_gpus {args.num_gpus}: more than one GPU needs -device cuda (nnU-Net's DDP runs "
+                             f"on GPUs only). Use -num_gpus 1 on {device}.")
+    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
+        raise UserInputError(f"-num_gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible. "
+                             f"Lower -num_gpus or check CUDA_VISIBLE_DEVICES.")
     ensure_trainer_discovery()
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -81,6 +85,13 @@ def main(argv=None) -> int:
     except RuntimeError:
         raise UserInputError(f"-tr {args.tr}: no trainer class {trainer_name}. Use e.g. -tr _smoke "
                              f"or a full class name.") from None
+
+    if not _plans_ready(name, plans_name) or args.spacing:
+        print(f"[1/3] Planning + preprocessing {name} for {method} ({plans_name})")
+        plan_and_preprocess(name, method, args.preset, args.np, plans_name, spacing=args.spacing)
+    else:
+        print(f"[1/3] {plans_name} already preprocessed for {name}")
+
     prepare = getattr(trainer_cls, "prepare_pretraining_data", None)
     if prepare is not None:
         print(f"[2/3] Preparing {method} training data")
@@ -88,11 +99,6 @@ def main(argv=None) -> int:
     else:
         print("[2/3] No extra data preparation for this method")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
-    if args.num_gpus > 1 and device != "cuda":
-        raise UserInputError("-num_gpus > 1 needs -device cuda (nnU-Net's DDP runs on GPUs only).")
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -80,9 +80,43 @@ def transfer_plans(target_dataset, checkpoint_path: str, plans_name: Optional[st
         src_cfg["normalization_schemes"] = (src_cfg["normalization_schemes"] * n_ch)[:n_ch]
         src_cfg["use_mask_for_norm"] = (src_cfg["use_mask_for_norm"] * n_ch)[:n_ch]
     out = os.path.join(os.environ["nnUNet_preprocessed"], name, plans_name + ".json")
+    weights_for_stock = _adapt_output_head_for_target(ckpt, plans, dataset_json, checkpoint_path,
+                                                      os.path.join(os.path.dirname(out), plans_name))
     atomic_write_json(plans, out)
     U.write_preprocessed_dataset_json(name, dataset_json)
     print(f"Wrote {out}\nNext (stock nnU-Net):\n"
           f"  nnUNetv2_preprocess -d {name} -plans_name {plans_name} -c 3d_fullres\n"
-          f"  nnUNetv2_train {name} 3d_fullres 0 -p {plans_name} -pretrained_weights {checkpoint_path}")
+          f"  nnUNetv2_train {name} 3d_fullres 0 -p {plans_name} -pretrained_weights {weights_for_stock}")
     return plans_name
+
+
+def _adapt_output_head_for_target(ckpt: dict, plans: dict, dataset_json: dict, checkpoint_path: str,
+                                  out_prefix: str) -> str:
+    """Primus keeps its decoder (`up_projection`, untrained during MAE pretraining) in the checkpoint so that
+    stock `-pretrained_weights` finds every key — but that decoder's output layer has one channel per class.
+    When the target's class count differs, write a copy of the checkpoint whose `up_projection` is freshly
+    initialised for the target (nothing learned is lost) and return its path; otherwise the original path."""
+    cfg = plans["configurations"]["3d_fullres"]
+    arch = cfg["architecture"]
+    weights = ckpt.get("network_weights", {})
+    if not arch["network_class_name"].endswith(".Primus") or not any(k.startswith("up_projection.") for k in weights):
+        return checkpoint_path
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    heads = PlansManager(plans).get_label_manager(dataset_json).num_segmentation_heads
+    n_in = len(U.channel_names(dataset_json))
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], n_in,
+                                 heads, allow_init=True)
+    fresh = {k: v for k, v in net.state_dict().items() if k.startswith("up_projection.")}
+    if all(k in weights and weights[k].shape == v.shape for k, v in fresh.items()):
+        return checkpoint_path
+    adapted = dict(ckpt)
+    adapted["network_weights"] = {**{k: v for k, v in weights.items() if not k.startswith("up_projection.")}, **fresh}
+    path = f"{out_prefix}__pretrained_weights.pth"
+    from nnssl_plugins.utils.io import atomic_torch_save
+
+    atomic_torch_save(adapted, path)
+    print(f"NOTE: the checkpoint's untrained Primus decoder was built for another class count; wrote {path} with a "
+          f"decoder for {heads} output channels (encoder weights unchanged). Use it with -pretrained_weights.")
+    return path

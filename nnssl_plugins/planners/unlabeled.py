@@ -129,6 +129,11 @@ def _analyze_case(args):
     if not np.all(np.isfinite(images)):
         raise UserInputError(f"{image_files[0]}: contains NaN/inf voxels. Fix or remove the image "
                              f"(e.g. replace NaN with the background value).")
+    for c, f in enumerate(image_files):
+        lo, hi = float(images[c].min()), float(images[c].max())
+        if lo == hi:
+            raise UserInputError(f"{f}: image is constant (every voxel = {lo:g}); it holds nothing to learn from "
+                                 f"and breaks intensity normalization. Fix or remove this case from imagesTr.")
     seg = None
     if label_file is not None:
         seg, _ = rw.read_seg(label_file)

@@ -107,9 +107,11 @@ class nnsslClsTrainer(nnsslPretrainedMixin, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # read the labels file first: a bad one fails before nnU-Net creates the output folder and log file
+        labels_file = labels_file_for(plans["dataset_name"])
+        case_labels, class_names = load_classification_labels(labels_file)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.labels_file = labels_file_for(self.plans_manager.dataset_name)
-        self.case_labels, self.class_names = load_classification_labels(self.labels_file)
+        self.labels_file, self.case_labels, self.class_names = labels_file, case_labels, class_names
         self.num_classes = len(self.class_names)
         self.enable_deep_supervision = False
         self.initial_lr = 1e-3

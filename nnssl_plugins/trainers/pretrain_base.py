@@ -6,12 +6,22 @@ A method subclass implements two hooks and nothing else of the loop:
   * `compute_loss(data) -> (loss, logs)` on a batch of preprocessed image patches.
 Run length is data (`run_length = (epochs, iterations/epoch, val iterations)`), so `_smoke` variants
 are one-line subclasses.
+
+Reproducibility: set the class attribute `seed` or the environment variable `nnssl_seed` (wins). Then network
+init and the python/numpy/torch global RNGs are seeded — nnU-Net's infinite DataLoader picks cases with the
+*global* `np.random` (its own `rs` RandomState, created unseeded, only shuffles finite loaders; it is seeded too) —
+again at every epoch start from (seed, rank, epoch), so a resumed run continues like an uninterrupted one. With
+`nnUNet_n_proc_DA=0` (single-threaded augmentation) two runs are identical. Every DDP rank gets its own seeds
+(`rank_seed`), so ranks draw different scans. Unseeded (default) keeps nnU-Net's behaviour: every process seeds
+numpy from OS entropy, which also gives ranks different scans.
 """
 from __future__ import annotations
 
 import math
+import os
+import random
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +36,36 @@ from nnssl_plugins.pretrain.common.data import nnsslDatasetBlosc2, pretraining_t
 from nnssl_plugins.utils.io import atomic_torch_save
 
 SMOKE = (2, 10, 2)  # epochs, train iterations per epoch, val iterations per epoch
+SEED_ENV = "nnssl_seed"
+
+
+def rank_seed(base: int, rank: int = 0, stream: int = 0) -> int:
+    """A distinct 32-bit seed per (base seed, DDP rank, stream): stream 0 = global RNGs, 1 = train loader, 2 = val."""
+    return (int(base) * 1_000_003 + int(rank) * 7919 + int(stream) * 104_729) % (2 ** 32)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def reseed_loader(augmenter, seed: int) -> bool:
+    """Give the batchgenerators DataLoader behind a SingleThreadedAugmenter (or a bare DataLoader) a seeded
+    `rs` (it picks the cases). Multi-process augmenters have already forked their workers: returns False."""
+    dl = getattr(augmenter, "data_loader", augmenter)
+    if not hasattr(dl, "rs") or hasattr(augmenter, "_processes"):
+        return False
+    dl.rs = np.random.RandomState(seed)
+    return True
+
+
+def seed_epoch(seed: int, rank: int, epoch: int, loaders=()) -> bool:
+    """Seed the global RNGs and the loaders for (seed, DDP rank, epoch). False if a loader could not be seeded
+    (multi-process augmentation)."""
+    seeded = [reseed_loader(g, rank_seed(seed, rank, 3 * epoch + k + 1)) for k, g in enumerate(loaders)]
+    seed_everything(rank_seed(seed, rank, 3 * epoch))
+    return all(seeded)
 
 
 class nnsslPretrainTrainer(nnUNetTrainer):
@@ -33,6 +73,8 @@ class nnsslPretrainTrainer(nnUNetTrainer):
     #: (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch)
     run_length: Tuple[int, int, int] = (1000, 250, 50)
     grad_clip: float = 12.0
+    #: fixed seed (None: unseeded, nnU-Net's default); the env var nnssl_seed overrides it
+    seed: Optional[int] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -53,7 +95,21 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         return {}
 
     # ------------------------------------------------------------------ nnU-Net hooks
+    def effective_seed(self) -> Optional[int]:
+        env = os.environ.get(SEED_ENV, "").strip()
+        if env:
+            try:
+                return int(env)
+            except ValueError:
+                from nnssl_plugins.errors import UserInputError
+
+                raise UserInputError(f"{SEED_ENV}={env!r}: must be an integer (or unset for unseeded runs).") from None
+        return self.seed
+
     def initialize(self):
+        s = self.effective_seed()
+        if s is not None and not self.was_initialized:
+            seed_everything(rank_seed(s))  # same network init on every rank (DDP also broadcasts rank 0's)
         super().initialize()
         if self.dataset_class.__name__ == "nnUNetDatasetBlosc2":
             self.dataset_class = nnsslDatasetBlosc2
@@ -158,6 +214,19 @@ class nnsslPretrainTrainer(nnUNetTrainer):
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
 
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        s = self.effective_seed()
+        if s is None:
+            return
+        # reseeded at every epoch from (seed, rank, epoch): a run resumed with --c continues exactly like an
+        # uninterrupted one, and DDP ranks draw different cases
+        ok = seed_epoch(s, self.local_rank, self.current_epoch, (self.dataloader_train, self.dataloader_val))
+        if not ok and not getattr(self, "_warned_seed", False):
+            self._warned_seed = True
+            self.print_to_log_file(f"Seed {s}: augmentation worker processes (nnUNet_n_proc_DA > 0) are not "
+                                   f"bit-reproducible; use nnUNet_n_proc_DA=0 for identical runs.")
+
     def on_epoch_start(self):
         self.logger.log("epoch_start_timestamps", time.time(), self.current_epoch)
 
@@ -215,7 +284,26 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        """nnU-Net's load_checkpoint, but files are read with torch.load(weights_only=True) (ours hold only
+        builtins + tensors; nnU-Net 2.8 uses weights_only=False, and its dict branch is broken)."""
+        from nnssl_plugins.utils.io import safe_torch_load
+
+        if not self.was_initialized:
+            self.initialize()
+        ck = filename_or_checkpoint
+        if isinstance(ck, str):
+            ck = safe_torch_load(ck, map_location=self.device, allow_numpy=True)
+        weights = {(k[7:] if k.startswith("module.") else k): v for k, v in ck["network_weights"].items()}
+        self._unwrapped_network().load_state_dict(weights)
+        self.my_init_kwargs = ck["init_args"]
+        self.current_epoch = ck["current_epoch"]
+        self.logger.load_checkpoint(ck["logging"])
+        self._best_ema = ck["_best_ema"]
+        if ck.get("inference_allowed_mirroring_axes") is not None:
+            self.inference_allowed_mirroring_axes = tuple(ck["inference_allowed_mirroring_axes"])
+        self.optimizer.load_state_dict(ck["optimizer_state"])
+        if self.grad_scaler is not None and ck.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ck["grad_scaler_state"])
         self._best_val_loss = self._best_ema
         # nnU-Net stores the device as given; keep ours an object for the running process
         self.my_init_kwargs["device"] = self.device

@@ -45,8 +45,24 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         torch.save(obj, tmp)
 
 
-def safe_torch_load(path: str, map_location="cpu") -> Any:
-    """`torch.load(weights_only=True)` with a clear message for missing/corrupt/unsafe files."""
+def numpy_safe_globals() -> list:
+    """Numpy *data* types (arrays, scalars, dtypes — no callables) that stock nnU-Net checkpoints hold in their
+    `logging` / `_best_ema` entries. Allow-listing them keeps `weights_only=True` loading of such files."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    out = [np.ndarray, np.dtype, core.multiarray.scalar, core.multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return out
+
+
+def safe_torch_load(path: str, map_location="cpu", allow_numpy: bool = False) -> Any:
+    """`torch.load(weights_only=True)` with a clear message for missing/corrupt/unsafe files.
+
+    allow_numpy: also accept numpy arrays/scalars (stock nnU-Net checkpoints of our segmentation/classification
+    trainers); still no arbitrary code can run while loading."""
     import pickle
 
     import torch
@@ -54,6 +70,9 @@ def safe_torch_load(path: str, map_location="cpu") -> Any:
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: file not found. Check the path to the checkpoint.")
     try:
+        if allow_numpy:
+            with torch.serialization.safe_globals(numpy_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
