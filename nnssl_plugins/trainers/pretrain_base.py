@@ -214,6 +214,14 @@ class nnsslPretrainTrainer(nnUNetTrainer):
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
 
+    def on_train_start(self):
+        super().on_train_start()
+        # a SIGKILL during an atomic checkpoint save leaves only its temp file (never a truncated .pth): drop it
+        if self.local_rank == 0:
+            for f in os.listdir(self.output_folder):
+                if f.startswith(".checkpoint_") and f.endswith(".tmp"):
+                    os.remove(os.path.join(self.output_folder, f))
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         s = self.effective_seed()
