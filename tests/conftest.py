@@ -17,6 +17,10 @@ SHARED_DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(os.path.dirname(R
 REAL_CT = os.path.join(SHARED_DATA, "ct", "totalseg_ct_sm.nii.gz")
 REAL_CT_SEG = os.path.join(SHARED_DATA, "ct", "totalseg_ct_sm_seg.nii.gz")
 
+if not os.path.isfile(REAL_CT):
+    raise RuntimeError(f"real test data not found at {SHARED_DATA}: put the project's shared/ folder beside the repo "
+                       f"or set NNSSL_SHARED_DATA to its data/ folder")
+
 # tests run on 2 CPU cores: no background augmentation workers, no torch.compile
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 os.environ.setdefault("nnUNet_compile", "false")

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-SHARED = "/work/shared/data"
+from conftest import SHARED_DATA as SHARED  # ../shared/data beside the repo (or $NNSSL_SHARED_DATA)
 CT = os.path.join(SHARED, "ct", "totalseg_ct_sm.nii.gz")
 CT_SEG = os.path.join(SHARED, "ct", "totalseg_ct_sm_seg.nii.gz")
 PLANS = "nnsslPlans_MASS"

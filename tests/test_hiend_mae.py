@@ -15,7 +15,9 @@ from nnssl_plugins.pretrain.hiend_mae import (
 from nnssl_plugins.pretrain.mae import random_token_mask, mask_to_indices
 
 torch.set_num_threads(1)
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mr", "mni152_t1.nii.gz")
+from conftest import SHARED_DATA
+
+DATA = os.path.join(SHARED_DATA, "mr", "mni152_t1.nii.gz")
 
 
 def _stock_primus(arch_kwargs, in_ch=1, num_classes=3, **over):
@@ -145,8 +147,6 @@ def test_decoder_reads_encoder_blocks_9_6_3():
 def _volume_crop(size=32):
     import SimpleITK as sitk
 
-    if not os.path.isfile(DATA):
-        pytest.skip("shared MNI volume not available")
     arr = sitk.GetArrayFromImage(sitk.ReadImage(DATA)).astype(np.float32)
     c = [s // 2 for s in arr.shape]
     crop = arr[c[0] - size // 2:c[0] + size // 2, c[1] - size // 2:c[1] + size // 2, c[2] - size // 2:c[2] + size // 2]

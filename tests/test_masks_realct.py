@@ -12,8 +12,6 @@ from nnssl_plugins.pretrain.masks import MaskStore
 from nnssl_plugins.pretrain.masks.dataset import PreprocessedDataset
 from nnssl_plugins.pretrain.masks.postprocess import deduplicate
 
-pytestmark = pytest.mark.skipif(not os.path.isfile("/work/shared/data/ct/totalseg_ct_sm.nii.gz"),
-                                reason="real CT not available")
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,7 @@ from nnssl_plugins.pretrain.mass import (
     predict_volume,
 )
 
-CT = "/work/shared/data/ct/totalseg_ct_sm.nii.gz"
-CT_SEG = "/work/shared/data/ct/totalseg_ct_sm_seg.nii.gz"
+from conftest import REAL_CT as CT, REAL_CT_SEG as CT_SEG
 PATCH = (32, 32, 32)
 
 
@@ -147,6 +146,35 @@ def test_channel_mismatch_raises(tiny_model):
         tiny_model.segment(torch.randn(1, 1, 30, 32, 32), emb)
 
 
+def test_masked_mean_and_encode_task_under_inference_mode(tiny_model):
+    """The masked mean of upsampled features is plain tensor ops (no autograd): exact vs materialised
+    trilinear upsampling, and encode_task works under torch.inference_mode (same result as no_grad)."""
+    import torch.nn.functional as F
+
+    from nnssl_plugins.pretrain.mass.model import masked_mean_of_upsampled
+
+    torch.manual_seed(2)
+    for fs, ms in (((2, 5, 4, 4, 4), (2, 3, 32, 32, 32)), ((1, 3, 3, 5, 7), (1, 2, 24, 40, 21)),
+                   ((1, 4, 8, 8, 8), (1, 2, 8, 8, 8)), ((1, 4, 1, 2, 3), (1, 2, 16, 16, 16))):
+        f, m = torch.randn(*fs), (torch.rand(*ms) > 0.5).float()
+        up = F.interpolate(f.double(), size=ms[2:], mode="trilinear", align_corners=False)
+        want = torch.einsum("bkxyz,bcxyz->bkc", m.double(), up) / m.double().flatten(2).sum(-1).unsqueeze(-1)
+        with torch.inference_mode():
+            got = masked_mean_of_upsampled(f, m)
+        assert torch.allclose(got.double(), want, atol=1e-5), (fs, ms)
+    m = tiny_model.eval()
+    ref, masks = torch.randn(1, 1, *PATCH), (torch.rand(1, 2, *PATCH) > 0.6).float()
+    with torch.no_grad():
+        e0 = m.encode_task(ref, masks)
+    with torch.inference_mode():
+        e1 = m.encode_task(ref, masks)
+        q = m.segment(torch.randn(1, 1, *PATCH), e1)
+    assert q.shape == (1, 2, *PATCH)
+    for a, b in zip(e0.tokens, e1.tokens):
+        assert torch.equal(a, b)
+    m.train()
+
+
 def test_sliding_window_and_features(tiny_model):
     torch.manual_seed(1)
     ref = torch.randn(1, 1, *PATCH)
@@ -167,9 +195,7 @@ def test_sliding_window_and_features(tiny_model):
 
 
 def _ct_crop():
-    nib = pytest.importorskip("nibabel")
-    if not os.path.isfile(CT):
-        pytest.skip("shared CT not available")
+    import nibabel as nib
     img = np.asanyarray(nib.load(CT).dataobj).astype(np.float32)
     seg = np.asanyarray(nib.load(CT_SEG).dataobj)
     sl = (slice(40, 72), slice(30, 62), slice(0, 30))

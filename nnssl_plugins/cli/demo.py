@@ -5,6 +5,14 @@
   3. stock preprocessing of the labeled copy            nnUNetv2_preprocess -plans_name ...
   4. a few iterations of stock nnU-Net finetuning       nnUNetv2_train ... -pretrained_weights ckpt
 Every step is the real command a user runs; each prints where its outputs are.
+
+`nnssl_demo --method MASS` runs the MASS chain instead (CPU, a few minutes):
+  1. tiny MASS pretraining with slic masks               nnssl_pretrain -m MASS --preset tiny -tr _smoke
+  2. in-context segmentation of the liver, CT + its labels as the reference (no finetuning)
+                                                         nnssl_incontext_predict -r CT SEG --labels 5
+  3. PCA picture of the checkpoint's decoder features    nnssl_visualize features
+  4. QC overlay of the generated masks                   nnssl_visualize masks
+The tiny smoke-trained model is not expected to segment well: the demo shows the commands and outputs.
 """
 from __future__ import annotations
 
@@ -26,6 +34,12 @@ DEMO_LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
 def _bin(name: str) -> str:
     cand = os.path.join(os.path.dirname(sys.executable), name)
     return cand if os.path.isfile(cand) else name
+
+
+def _cli(name: str, module: str) -> list:
+    """The console script when installed, else `python -m module` (same entry point)."""
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    return [cand] if os.path.isfile(cand) else [sys.executable, "-m", module]
 
 
 def _run(step: str, cmd: list, env: dict) -> None:
@@ -65,10 +79,48 @@ def make_demo_datasets(raw: str) -> None:
         json.dump({"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz", "numTraining": 1}, f)
 
 
+def run_mass(work: str, env: dict, device: str) -> None:
+    """MASS chain: pretraining (slic masks) -> in-context liver segmentation -> feature PCA -> mask overlay."""
+    spacing = ["3", "3", "3"]  # the CT's own resolution keeps the CPU demo to a few minutes
+    plans = "nnsslPlans_MASS_tiny"
+    out_dir = os.path.join(work, "mass_outputs")
+    os.makedirs(out_dir, exist_ok=True)
+    ct = os.path.join(DEMO_DIR, "totalseg_ct_sm.nii.gz")
+    seg = os.path.join(DEMO_DIR, "totalseg_ct_sm_seg.nii.gz")
+    _run("1/4 tiny MASS pretraining (plan + preprocess + slic masks + 2x10 iterations)",
+         [_bin("nnssl_pretrain"), "-d", "901", "-m", "MASS", "--preset", "tiny", "-tr", "_smoke", "-device", device,
+          "--spacing", *spacing, "--mask-backend", "slic"], env)
+    run_dir = os.path.join(env["nnUNet_results"], "Dataset901_DemoCTUnlabeled",
+                           f"MASSPretrainTrainer_smoke__{plans}__3d_fullres", "fold_all")
+    ckpt = os.path.join(run_dir, "checkpoint_final.pth")
+    masks = os.path.join(env["nnUNet_preprocessed"], "Dataset901_DemoCTUnlabeled", "nnssl_masks", plans, "slic")
+    print(f"Pretraining checkpoint: {ckpt}\nProgress plot: {os.path.join(run_dir, 'progress.png')}\n"
+          f"Mask stores: {masks}")
+    liver = os.path.join(out_dir, "liver_incontext.nii.gz")
+    emb = os.path.join(out_dir, "liver_task_embedding.safetensors")
+    _run("2/4 in-context segmentation of the liver (reference: the CT and its labels)",
+         _cli("nnssl_incontext_predict", "nnssl_plugins.cli.incontext_predict")
+         + ["-ckpt", ckpt, "-r", ct, seg, "--labels", str(DEMO_LABELS["liver"]), "-i", ct, "-o", liver,
+            "-device", device, "--save-embedding", emb], env)
+    pca = os.path.join(out_dir, "features_pca.png")
+    _run("3/4 decoder features (PCA as RGB)",
+         _cli("nnssl_visualize", "nnssl_plugins.cli.visualize")
+         + ["features", "-ckpt", ckpt, "-i", ct, "-o", pca, "-device", device], env)
+    overlay = os.path.join(out_dir, "masks_overlay.png")
+    _run("4/4 mask QC overlay", _cli("nnssl_visualize", "nnssl_plugins.cli.visualize")
+         + ["masks", "-d", "901", "-c", "ct", "--backend", "slic", "-p", plans, "-o", overlay], env)
+    print(f"\nDemo (MASS) finished.\n  checkpoint: {ckpt}\n  in-context liver segmentation: {liver}\n"
+          f"  task embedding: {emb}\n  feature PCA: {pca}\n  mask overlay: {overlay}\n  mask stores: {masks}\n"
+          f"Workspace kept at {work}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nnssl_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None, help="workspace (default: a new temporary folder, kept)")
     p.add_argument("-device", default="cpu")
+    p.add_argument("--method", default="MDAE", type=str.upper, choices=["MDAE", "MASS"],
+                   help="MDAE (default): pretrain -> transfer -> stock finetuning; MASS: pretrain -> in-context "
+                        "segmentation -> feature/mask pictures")
     args = p.parse_args(argv)
     work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="nnssl_demo_"))
     env = dict(os.environ)
@@ -79,6 +131,9 @@ def main(argv=None) -> int:
     env.setdefault("nnUNet_compile", "false")
     print(f"nnssl_demo workspace: {work}\n(embedded real CT: {DEMO_DIR}, license TotalSegmentator-Apache-2.0.txt)")
     make_demo_datasets(env["nnUNet_raw"])
+    if args.method == "MASS":
+        run_mass(work, env, args.device)
+        return 0
     spacing = ["3", "3", "3"]  # the CT's own resolution keeps the CPU demo to a few minutes
     _run("1/4 tiny MDAE pretraining (plan + preprocess + 2x10 iterations)",
          [_bin("nnssl_pretrain"), "-d", "901", "-m", "MDAE", "--preset", "tiny", "-tr", "_smoke", "-device",

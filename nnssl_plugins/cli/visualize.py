@@ -1,6 +1,7 @@
 """nnssl_visualize: QC figures.
 
     nnssl_visualize masks -d ID -c CASE [--backend slic] [-p nnsslPlans_MASS] [-n 40] -o out.png
+    nnssl_visualize features -ckpt checkpoint_final.pth -i IMAGE[,CH1,...] -o pca.png [-device cpu]
 
 Subcommands are registered in ``SUBCOMMANDS`` (name -> function(subparsers) that adds its parser and
 sets ``func``); adding ``features`` = one more ``_register_features`` function + one entry.
@@ -92,7 +93,78 @@ def _register_masks(sub) -> None:
     p.set_defaults(func=_run_masks)
 
 
-SUBCOMMANDS = {"masks": _register_masks}
+def render_features(image: np.ndarray, rgb: np.ndarray, out_png: str, title: str = "") -> None:
+    """Image (top) and PCA-RGB features (bottom) on the three orthogonal centre slices; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnssl_plugins.utils.io import atomic_path
+
+    centre = [s // 2 for s in image.shape]
+    lo, hi = np.percentile(image, [1, 99])
+    fig, axes = plt.subplots(2, 3, figsize=(15, 10))
+    for a in range(3):
+        sl = np.clip((np.take(image, centre[a], axis=a) - lo) / max(hi - lo, 1e-6), 0, 1)
+        axes[0, a].imshow(sl.T, cmap="gray", origin="lower", interpolation="nearest", vmin=0, vmax=1)
+        axes[0, a].set_title(f"image, axis {a}, slice {centre[a]}")
+        axes[1, a].imshow(np.transpose(np.take(rgb, centre[a], axis=a), (1, 0, 2)), origin="lower",
+                          interpolation="nearest")
+        axes[1, a].set_title(f"decoder features PCA (RGB), axis {a}")
+        for ax in axes[:, a]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _run_features(args) -> int:
+    import os
+
+    import torch
+
+    from nnssl_plugins.cli.incontext_predict import load_mass_checkpoint, preprocess
+    from nnssl_plugins.pretrain.mass import decoder_features, pca_rgb
+
+    if not os.path.isfile(args.ckpt):
+        raise UserInputError(f"-ckpt {args.ckpt}: file not found. Pass a MASS checkpoint (checkpoint_final.pth).")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
+    files = args.image.split(",")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserInputError(f"-i {missing[0]}: file not found.")
+    model, pm, cm, plan = load_mass_checkpoint(args.ckpt, args.device)
+    n_ch = int(plan["pretrain_num_input_channels"])
+    if len(files) != n_ch:
+        raise UserInputError(f"-i {args.image}: {len(files)} channel file(s) but the MASS checkpoint expects {n_ch}. "
+                             f"Give all channels comma-separated, in the pretraining order.")
+    if not args.output.lower().endswith(".png"):
+        raise UserInputError(f"-o {args.output}: the figure is a PNG; use a .png file name.")
+    data, _, _ = preprocess(files, None, pm, cm)  # exactly like pretraining / in-context prediction
+    feats = decoder_features(model, data, device=args.device)  # plain U-Net path: what transfers downstream
+    rgb = pca_rgb(feats)
+    render_features(data[0], rgb, args.output,
+                    title=f"{os.path.basename(files[0])}: {feats.shape[0]}-channel decoder features at "
+                          f"{tuple(float(s) for s in cm.spacing)} mm, first 3 principal components")
+    print(f"wrote {args.output} (features {tuple(feats.shape)}, preprocessed image {tuple(data.shape[1:])})")
+    return 0
+
+
+def _register_features(sub) -> None:
+    p = sub.add_parser("features", help="PCA (RGB) of a MASS checkpoint's decoder features on three slices")
+    p.add_argument("-ckpt", required=True, help="MASS pretraining checkpoint (checkpoint_final.pth)")
+    p.add_argument("-i", dest="image", required=True, help="image file (channels comma-separated)")
+    p.add_argument("-o", dest="output", required=True, help="output .png")
+    p.add_argument("-device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=_run_features)
+
+
+SUBCOMMANDS = {"masks": _register_masks, "features": _register_features}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -238,19 +238,39 @@ def average_embeddings(embeddings: Sequence[TaskEmbedding]) -> TaskEmbedding:
 # ----------------------------------------------------------------------------------------------------------
 # task encoder
 # ----------------------------------------------------------------------------------------------------------
+def _linear_upsample_adjoint(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Transpose of 1D linear upsampling `size` -> x.shape[axis] (align_corners=False) applied along `axis`.
+
+    The 1D weights come from F.interpolate of the identity (the same source-index rule as trilinear, which is
+    separable), so this is exactly U_axis^T. Each output position draws on at most two inputs: two index_adds.
+    Plain tensor ops only (works under torch.inference_mode)."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    eye = torch.eye(size, dtype=torch.float32, device=x.device)[None]
+    u = F.interpolate(eye, size=n, mode="linear", align_corners=False)[0].to(x.dtype)  # [size, n]
+    w, idx = u.topk(min(2, size), dim=0)  # the (<= 2) contributing inputs of every output position
+    shape = list(x.shape)
+    shape[axis] = size
+    out = x.new_zeros(shape)
+    view = [1] * x.ndim
+    view[axis] = n
+    for r in range(w.shape[0]):
+        out.index_add_(axis, idx[r], x * w[r].view(view))
+    return out
+
+
 def masked_mean_of_upsampled(feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """mean_{v in mask} upsample(feat)(v) for every mask channel, without materialising upsample(feat).
 
-    feat [B, C, d, h, w], masks [B, K, X, Y, Z] -> [B, K, C]. Trilinear upsampling is linear, so
-    sum_v m(v) (U f)(v) = sum_u f(u) (U^T m)(u); U^T m is obtained as the gradient of U.
+    feat [B, C, d, h, w], masks [B, K, X, Y, Z] -> [B, K, C]. Trilinear upsampling (align_corners=False) is
+    linear and separable, U = U_x (x) U_y (x) U_z, so sum_v m(v) (U f)(v) = sum_u f(u) (U^T m)(u) with
+    U^T m computed axis by axis (`_linear_upsample_adjoint`; no autograd, so inference_mode is fine).
     """
-    B, C = feat.shape[:2]
-    K = masks.shape[1]
     m = masks.float()
-    with torch.enable_grad():
-        z = torch.zeros((B, K, *feat.shape[2:]), device=feat.device, dtype=torch.float32, requires_grad=True)
-        up = F.interpolate(z, size=masks.shape[2:], mode="trilinear", align_corners=False)
-        (w,) = torch.autograd.grad(up, z, grad_outputs=m)
+    w = m
+    for ax, size in enumerate(feat.shape[2:]):
+        w = _linear_upsample_adjoint(w, 2 + ax, int(size))
     w = w.to(feat.dtype).flatten(2)  # [B, K, n]
     summed = torch.einsum("bkn,bcn->bkc", w, feat.flatten(2))
     return summed / m.flatten(2).sum(-1).clamp_min(1.0).unsqueeze(-1).to(feat.dtype)

@@ -8,12 +8,16 @@ Per batch entry (`MASSDataLoader.generate_train_batch`):
   3. pick K−1 stored masks whose bounding box intersects BOTH crops (fallback: either crop, then
      repetition), read each with `store.crop(i)` (its bbox only) and paste it into the two extraction
      windows; channel 0 is the all-ones context mask (ones inside the image, zeros in padding);
-  4. each window is extracted at nnU-Net's enlarged initial patch size (room for rotation/scaling, as
-     `nnUNetTrainer` does), then augmented with batchgeneratorsv2: reference = weak affine (p 0.5 rotation
+  4. augmentation with batchgeneratorsv2's SpatialTransform semantics: reference = weak affine (p 0.5 rotation
      ±30°, p 0.5 isotropic scaling 0.7–1/0.7), query = strong affine (p 0.8 each; batchgeneratorsv2's
-     SpatialTransform has no shear, so shear 0.1 is NOT applied), masks go through the same SpatialTransform
-     call as the `segmentation` key (nearest interpolation); then intensity augmentation (noise, blur,
-     brightness, contrast, gamma — nnU-Net's settings) which touches the image only;
+     SpatialTransform has no shear, so shear 0.1 is NOT applied). The transform's own `get_parameters` draws the
+     sampling grid over nnU-Net's enlarged initial patch (room for rotation/scaling, as `nnUNetTrainer` does);
+     only the part of that window the grid actually touches is read. The image is resampled bilinearly
+     (`grid_sample`, zero padding); the K masks are packed as bits of one volume (24 channels per float32 word,
+     exact) and resampled with ONE nearest `grid_sample` using the transform's own grid — bit-identical to
+     SpatialTransform(mode_seg="nearest", zero padding) per channel, without K float copies of the window.
+     An identity draw (no rotation, no scaling) is a plain crop.
+     Then intensity augmentation (noise, blur, brightness, contrast, gamma — nnU-Net's settings), image only;
   5. MR/PET channels (plans["nnssl"]["percentile_clip_channels"]): per-case 2–98 % percentile clip and
      re-standardisation of the z-scored image (`percentile_clip_zscore`), statistics computed once per case.
 
@@ -35,6 +39,8 @@ from nnssl_plugins.errors import UserInputError
 
 ROT = math.pi / 6  # ±30°
 SCALE = (0.7, 1 / 0.7)
+P_AFFINE_REF, P_AFFINE_QUERY = 0.5, 0.8  # per rotation / per scaling (MASS: weak reference, strong query view)
+_BITS = 24  # mask channels per packed word (exact integers in float32 for the nearest grid_sample)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,10 +82,37 @@ def intensity_transforms():
     ]
 
 
-def mass_transforms(patch_size, strong: bool):
+def intensity_compose():
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
-    return ComposeTransforms([spatial_transform(patch_size, 0.8 if strong else 0.5)] + intensity_transforms())
+    return ComposeTransforms(intensity_transforms())
+
+
+def mass_transforms(patch_size, strong: bool):
+    """The full per-view pipeline as one batchgeneratorsv2 Compose (reference implementation; MASSDataLoader
+    applies the same spatial draw itself, resampling only the part of the window the grid touches)."""
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    p = P_AFFINE_QUERY if strong else P_AFFINE_REF
+    return ComposeTransforms([spatial_transform(patch_size, p)] + intensity_transforms())
+
+
+def _n_words(k: int) -> int:
+    return (k + _BITS - 1) // _BITS
+
+
+def _word_bits(channels, w: int) -> int:
+    return sum(1 << (c - w * _BITS) for c in channels if w * _BITS <= c < (w + 1) * _BITS)
+
+
+def _unpack(words: torch.Tensor, k: int) -> torch.Tensor:
+    """[W, N] int32 bit-packed masks -> [k, N] uint8."""
+    w8 = words.contiguous().numpy().view(np.uint8).reshape(words.shape[0], -1, 4)  # little-endian bytes
+    out = np.empty((k, words.shape[1]), dtype=np.uint8)
+    for c in range(k):
+        w, b = divmod(c, _BITS)
+        np.bitwise_and(w8[w, :, b >> 3] >> (b & 7), 1, out=out[c])
+    return torch.from_numpy(out)
 
 
 def extraction_size(patch_size) -> Tuple[int, ...]:
@@ -167,8 +200,13 @@ class MASSDataLoader(DataLoader):
         self.mask_dir = mask_dir
         self.augment = augment
         self.ext_size = extraction_size(self.patch_size) if augment else self.patch_size
-        self.tr_ref = mass_transforms(self.patch_size, strong=False) if augment else None
-        self.tr_query = mass_transforms(self.patch_size, strong=True) if augment else None
+        # spatial part: only get_parameters of batchgeneratorsv2's SpatialTransform is used (the grid; see _crop)
+        self.sp_ref = spatial_transform(self.patch_size, P_AFFINE_REF) if augment else None
+        self.sp_query = spatial_transform(self.patch_size, P_AFFINE_QUERY) if augment else None
+        self.int_ref = intensity_compose() if augment else None
+        self.int_query = intensity_compose() if augment else None
+        # get_parameters reads only .ndim and .shape[1:] of the image: a zero-stride stand-in for the window
+        self._param_probe = torch.zeros(()).expand(1, *self.ext_size)
         self.pclip_channels = [int(c) for c in percentile_clip_channels]
         self.percentile = tuple(percentile)
         from nnssl_plugins.pretrain.masks import STORE_EXT
@@ -207,12 +245,19 @@ class MASSDataLoader(DataLoader):
             pick.append(pick[rng.randint(len(pick))])
         return [int(i) for i in pick]
 
-    def _masks_for_window(self, store, chosen, crops, win, img_shape) -> np.ndarray:
+    def _packed_masks(self, chosen, crops, win, img_shape) -> np.ndarray:
+        """[W, *win] int32: bit k % 24 of word k // 24 is mask channel k (0 = all-ones context mask, zero in
+        padding; 1..K-1 = the chosen store masks, pasted from their bbox crops)."""
         K = self.num_masks
-        out = np.zeros((K, *[b - a for a, b in win]), dtype=np.uint8)
-        inside = tuple(slice(max(0, -a), min(b, s) - a) for (a, b), s in zip(win, img_shape))
-        out[(0, *inside)] = 1  # all-ones context mask (zero in padding)
-        for j, i in enumerate(chosen):
+        packed = np.zeros((_n_words(K), *[b - a for a, b in win]), dtype=np.int32)
+        inside = tuple(slice(max(0, -a), max(0, min(b, s) - a)) for (a, b), s in zip(win, img_shape))
+        if not chosen:  # no store mask: every channel is the context mask
+            for w in range(packed.shape[0]):
+                packed[(w, *inside)] = _word_bits(range(K), w)
+            return packed
+        packed[(0, *inside)] = 1
+        for i in sorted(set(chosen)):
+            chans = [j + 1 for j, c in enumerate(chosen) if c == i]
             sl, arr = crops[i]
             src, dst = [], []
             for (a, b), s in zip(win, sl):
@@ -222,10 +267,74 @@ class MASSDataLoader(DataLoader):
                 src.append(slice(lo - s.start, hi - s.start))
                 dst.append(slice(lo - a, hi - a))
             else:
-                out[(j + 1, *dst)] = arr[tuple(src)]
-        if not chosen and K > 1:
-            out[1:] = out[0]
-        return out
+                part = arr[tuple(src)]
+                for w in range(packed.shape[0]):
+                    bits = _word_bits(chans, w)
+                    if bits:
+                        packed[(w, *dst)] |= part * np.int32(bits)
+        return packed
+
+    def _masks_for_window(self, store, chosen, crops, win, img_shape) -> np.ndarray:
+        """[K, *win] uint8 mask channels of an extraction window (unaugmented)."""
+        packed = torch.from_numpy(self._packed_masks(chosen, crops, win, img_shape))
+        return _unpack(packed.reshape(packed.shape[0], -1), self.num_masks).reshape(
+            self.num_masks, *packed.shape[1:]).numpy()
+
+    def _crop(self, data, chosen, crops, center, spatial, shape, pstats):
+        """One augmented (or plain) crop: image [C, *P] float32, masks [K, *P] uint8."""
+        K, P = self.num_masks, self.patch_size
+        grid = None
+        if spatial is not None:
+            grid = spatial.get_parameters(image=self._param_probe)["grid"]
+        if grid is None:  # identity draw: SpatialTransform crops the window centre, i.e. the patch at `center`
+            win = _window(center, P)
+            img = extract_window(data, win)
+            if pstats:
+                percentile_clip_zscore(img, pstats)
+            packed = torch.from_numpy(self._packed_masks(chosen, crops, win, shape))
+            return torch.from_numpy(img), _unpack(packed.reshape(packed.shape[0], -1), K).reshape(K, *P)
+        ewin = _window(center, self.ext_size)
+        # the grid is affine in the patch voxel position (no elastic deformation): its extremes are at the corners.
+        # grid_sample's unnormalisation (align_corners=False): pixel = (g + 1) * size / 2 - 0.5, last axis first
+        ext_r = torch.tensor(self.ext_size[::-1], dtype=torch.float32)
+        corners = grid[[0, -1]][:, [0, -1]][:, :, [0, -1]].reshape(-1, 3)
+        mn, mx = ((corners + 1) * (ext_r / 2) - 0.5).aminmax(dim=0)
+        # bilinear reads floor(p) and floor(p) + 1; one voxel of slack on each side for rounding
+        lo = [max(0, int(math.floor(v)) - 1) for v in mn.flip(0).tolist()]
+        hi = [min(e, int(math.floor(v)) + 3) for v, e in zip(mx.flip(0).tolist(), self.ext_size)]
+        C = data.shape[0]
+        if any(h <= l for l, h in zip(lo, hi)):  # grid entirely outside the window
+            return torch.zeros((C, *P)), torch.zeros((K, *P), dtype=torch.uint8)
+        swin = [(w0 + l, w0 + h) for (w0, _), l, h in zip(ewin, lo, hi)]
+        sub_r = torch.tensor([h - l for l, h in zip(lo, hi)][::-1], dtype=torch.float32)
+        lo_r = torch.tensor(lo[::-1], dtype=torch.float32)
+        # the same sampling positions, normalised to the sub-window: g' = g * ext / sub + (ext - 2 lo) / sub - 1
+        g = torch.addcmul(((ext_r - 2 * lo_r) / sub_r - 1).expand_as(grid), grid, ext_r / sub_r)[None]
+        img = extract_window(data, swin)
+        if pstats:
+            percentile_clip_zscore(img, pstats)
+        img_t = torch.nn.functional.grid_sample(torch.from_numpy(img)[None], g, mode="bilinear", padding_mode="zeros",
+                                                align_corners=False)[0]
+        # masks: one nearest-neighbour grid_sample of the bit-packed channels (exact in float32: 24 bits a word),
+        # with the ORIGINAL grid over a window-sized buffer that is zero outside the sub-window, so every voxel
+        # picks the same source voxel as SpatialTransform(mode_seg="nearest", constant 0) — ties at exactly half a
+        # voxel included (a renormalised grid could round those the other way)
+        buf = self._window_buffer(_n_words(K))
+        region = (slice(None), *[slice(l, h) for l, h in zip(lo, hi)])
+        try:
+            buf[region] = torch.from_numpy(self._packed_masks(chosen, crops, swin, shape))
+            words = torch.nn.functional.grid_sample(buf[None], grid[None], mode="nearest", padding_mode="zeros",
+                                                    align_corners=False)[0].to(torch.int32)
+        finally:
+            buf[region] = 0  # the buffer stays all-zero between crops: only the written region is cleared
+        return img_t, _unpack(words.reshape(words.shape[0], -1), K).reshape(K, *P)
+
+    def _window_buffer(self, words: int) -> torch.Tensor:
+        """Reusable zero float32 buffer [words, *ext_size] (one per loader, i.e. per augmentation worker)."""
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[0] != words:
+            buf = self._buf = torch.zeros((words, *self.ext_size), dtype=torch.float32)
+        return buf
 
     def sample(self, key: str, rng: Optional[np.random.RandomState] = None) -> dict:
         rng = rng or np.random
@@ -241,18 +350,13 @@ class MASSDataLoader(DataLoader):
         crops = {i: store.crop(i) for i in set(chosen)}
         if self.pclip_channels and key not in self._pstats:
             self._pstats[key] = percentile_stats(data, self.pclip_channels, self.percentile)
+        pstats = self._pstats.get(key) if self.pclip_channels else None
         out = {}
-        for name, c, tr in (("query", cq, self.tr_query), ("ref", cr, self.tr_ref)):
-            win = _window(c, self.ext_size)
-            img = extract_window(data, win)
-            if self.pclip_channels:
-                percentile_clip_zscore(img, self._pstats[key])
-            msk = self._masks_for_window(store, chosen, crops, win, shape)
-            img_t, msk_t = torch.from_numpy(img), torch.from_numpy(msk)
-            if tr is not None:
-                d = tr(image=img_t, segmentation=msk_t)
-                img_t, msk_t = d["image"], d["segmentation"]
-            out[name] = (img_t.float(), msk_t.to(torch.uint8))
+        for name, c, sp, it in (("query", cq, self.sp_query, self.int_query), ("ref", cr, self.sp_ref, self.int_ref)):
+            img_t, msk_t = self._crop(data, chosen, crops, c, sp, shape, pstats)
+            if it is not None:
+                img_t = it(image=img_t)["image"]
+            out[name] = (img_t.float(), msk_t)
         return out
 
     def generate_train_batch(self):
