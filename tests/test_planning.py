@@ -12,7 +12,7 @@ import pytest
 from nnssl_plugins.planners.api import plan_and_preprocess
 from nnssl_plugins.planners.unlabeled import clipped_intensity_stats
 
-from conftest import BIN, REAL_CT, REAL_CT_SEG, make_synthetic_dataset, run_cmd, write_volume
+from conftest import BIN, REAL_CT, REAL_CT_SEG, make_synthetic_dataset, run_cmd
 
 
 def _folder(env, ds, ident):

@@ -1,7 +1,6 @@
 """plan_and_preprocess(): fingerprint → method plans → nnU-Net preprocessing, for labeled or unlabeled data."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 from nnssl_plugins.planners import unlabeled as U

@@ -14,13 +14,13 @@ import json
 import multiprocessing
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict
 
 import numpy as np
 from tqdm import tqdm
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.utils.io import atomic_path, atomic_write_json
+from nnssl_plugins.utils.io import atomic_write_json
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 HIST_BINS = 4096

@@ -20,15 +20,9 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
-from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -43,6 +37,7 @@ from nnssl_plugins.pretrain.common.classification import (
     load_classification_labels,
     write_probabilities_csv,
 )
+from nnssl_plugins.pretrain.common.data import intensity_transforms
 from nnssl_plugins.pretrain.common.weight_transfer import WarmupPolyLR, backbone_keys, encoder_prefixes
 from nnssl_plugins.trainers.finetune import nnsslPretrainedMixin
 from nnssl_plugins.utils.io import atomic_write_json
@@ -80,18 +75,7 @@ def classification_transforms(patch_size, rotation_for_DA: RandomScalar, mirror_
     t = [SpatialTransform(patch_size, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
                           p_rotation=0.2, rotation=rotation_for_DA, p_scaling=0.2, scaling=(0.7, 1.4),
                           p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False),
-         RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
-                         apply_probability=0.1),
-         RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.), synchronize_channels=False,
-                                               synchronize_axes=False, p_per_channel=0.5, benchmark=True),
-                         apply_probability=0.2),
-         RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
-                                                           synchronize_channels=False, p_per_channel=1),
-                         apply_probability=0.15),
-         RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
-                                           synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
-         RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
-                                        p_per_channel=1, p_retain_stats=1), apply_probability=0.3)]
+         *intensity_transforms()]  # nnU-Net's intensity augmentation (image only), shared with MASS
     if mirror_axes:
         t.append(MirrorTransform(allowed_axes=mirror_axes))
     return ComposeTransforms(t)

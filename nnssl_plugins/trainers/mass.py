@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-from copy import deepcopy
 from typing import Dict, Optional, Tuple
 
 import numpy as np

@@ -31,3 +31,30 @@ def pretraining_transforms(patch_size: Tuple[int, ...], mirror_axes=(0, 1, 2), p
                          bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=-1),
         MirrorTransform(allowed_axes=tuple(mirror_axes)),
     ])
+
+
+def intensity_transforms():
+    """nnU-Net's default intensity augmentation (image only)."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    return [
+        RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
+                        apply_probability=0.1),
+        RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                              synchronize_axes=False, p_per_channel=0.5, benchmark=False),
+                        apply_probability=0.2),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.15),
+        RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                          synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
+        RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=1, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1), apply_probability=0.1),
+        RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1), apply_probability=0.3),
+    ]

@@ -3,7 +3,6 @@
 use_sample_covariance=False, data_range=...) in 3D). LPIPS is not available offline."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -30,26 +30,14 @@ def mass_arch_kwargs(
     Default = official MASS: 4 downsamplings, 32-64-128-256-512, 2 residual blocks per stage,
     1 conv per decoder stage. Tiny test config e.g. `mass_arch_kwargs(4, 8, 64)`.
     """
+    from nnssl_plugins.planners.base import resenc_architecture
+
     if isinstance(n_blocks_per_stage, int):
         n_blocks_per_stage = [n_blocks_per_stage] * n_stages
     if isinstance(n_conv_per_stage_decoder, int):
         n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-    return {
-        "n_stages": n_stages,
-        "features_per_stage": [min(base_features * 2**i, max_features) for i in range(n_stages)],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n_stages,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "n_blocks_per_stage": list(n_blocks_per_stage),
-        "n_conv_per_stage_decoder": list(n_conv_per_stage_decoder),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+    features = [min(base_features * 2 ** i, max_features) for i in range(n_stages)]
+    return resenc_architecture(features, n_blocks_per_stage, n_conv_per_stage_decoder)["arch_kwargs"]
 
 
 def mass_architecture_plans(arch_kwargs: dict | None = None) -> dict:
