@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     else:
         print("[2/3] No extra data preparation for this method")
 
-    if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # as nnUNetv2_train does on CPU
 
     from nnunetv2.run.run_training import run_training
 
