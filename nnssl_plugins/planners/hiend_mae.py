@@ -11,7 +11,8 @@ Presets
   default  Primus-B (792-d, 12 layers, 12 heads, patch 8³), input 96³ (the paper's crop at 1.5 mm):
            loads into stock `nnUNet_Primus_B_Trainer` (needs a patch divisible by 8 and a power-of-two token).
   paper    ViT-B/12(1536): width 1536, 12 layers, 16 heads, patch 12³, input 96³ (official encoder; plain
-           ViT blocks). Stock Primus' PatchDecode cannot decode 12³ tokens → not for stock Primus trainers.
+           ViT blocks). Stock Primus' PatchDecode cannot decode 12³ tokens → finetune with
+           nnsslPrimusFinetuneTrainer (factorised decoder), not the stock Primus trainers.
   tiny     4 layers, 96-d, patch 8³, input 32³ (CPU smoke runs).
 `downstream_num_classes` (settings, default 2): output channels of the untrained Primus `up_projection` kept in
 the checkpoint so stock `-pretrained_weights` finds every key; set it to the target's number of segmentation

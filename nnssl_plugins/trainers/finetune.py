@@ -19,6 +19,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnssl_plugins.errors import UserInputError
+from nnssl_plugins.pretrain.common.primus_decoder import FactorizedPatchDecode, is_power_of_two
 from nnssl_plugins.pretrain.common.weight_transfer import (
     WarmupPolyLR,
     backbone_keys,
@@ -139,8 +140,12 @@ def build_primus_from_plans(plans_manager: PlansManager, configuration_manager: 
             f"plans '{plans_manager.plans_name}': patch size {kwargs['input_shape']} is not divisible by the Primus "
             f"token size {list(patch)}. Set a patch size that is a multiple of it in the plans."
         )
-    return get_network_from_plans(name, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
-                                  num_input_channels, num_output_channels, allow_init=True, deep_supervision=None)
+    net = get_network_from_plans(name, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
+                                 num_input_channels, num_output_channels, allow_init=True, deep_supervision=None)
+    if patch is not None and not all(is_power_of_two(int(p)) for p in patch):
+        # stock PatchDecode only upsamples by powers of two (12³ tokens would decode to the wrong size)
+        net.up_projection = FactorizedPatchDecode(patch, net.embed_dim, num_output_channels)
+    return net
 
 
 class nnsslPrimusFinetuneTrainer(nnsslPretrainedMixin, AbstractPrimus):
