@@ -26,11 +26,11 @@ DEFAULT_OUT = os.path.join(REPO, "docs", "benchmarks.md")
 QUICK = {
     "bench_mae.py": ["--size", "64", "--reps", "3"],
     # bench_masks.py: defaults (the 112-slice CT at 1.5 mm, the SLIC goal; ~3.5 min)
-    "bench_mass_model.py": ["--configs", "tiny", "--reps", "2"],
+    "bench_mass_model.py": ["--configs", "tiny,mid", "--reps", "2"],
     "bench_mass_sampler.py": ["--rounds", "3"],
     "step_overhead.py": ["--reps", "3"],
 }
-RATIO = re.compile(r"ratio|÷|/stock| vs |×", re.IGNORECASE)
+RATIO = re.compile(r"\bratio\b|÷|/stock| vs |×|PSNR| per real CT|per slice|random read", re.IGNORECASE)
 
 
 def scripts() -> list:

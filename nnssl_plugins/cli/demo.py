@@ -4,6 +4,8 @@
   2. transfer the checkpoint's plans to a labeled copy  nnssl_transfer_plans
   3. stock preprocessing of the labeled copy            nnUNetv2_preprocess -plans_name ...
   4. a few iterations of stock nnU-Net finetuning       nnUNetv2_train ... -pretrained_weights ckpt
+  5. a classification run on crops of the CT (liver in view or not), frozen pretrained encoder
+                                                        nnssl_finetune --task cls -tr _smoke
 Every step is the real command a user runs; each prints where its outputs are.
 
 `nnssl_demo --method MASS` runs the MASS chain instead (CPU, a few minutes):
@@ -135,24 +137,57 @@ def main(argv=None) -> int:
         run_mass(work, env, args.device)
         return 0
     spacing = ["3", "3", "3"]  # the CT's own resolution keeps the CPU demo to a few minutes
-    _run("1/4 tiny MDAE pretraining (plan + preprocess + 2x10 iterations)",
+    _run("1/5 tiny MDAE pretraining (plan + preprocess + 2x10 iterations)",
          [_bin("nnssl_pretrain"), "-d", "901", "-m", "MDAE", "--preset", "tiny", "-tr", "_smoke", "-device",
           args.device, "--spacing", *spacing], env)
     ckpt = os.path.join(env["nnUNet_results"], "Dataset901_DemoCTUnlabeled",
                         "MDAEPretrainTrainer_smoke__nnsslPlans_MDAE_tiny__3d_fullres", "fold_all",
                         "checkpoint_final.pth")
     print(f"Pretraining checkpoint: {ckpt}\nProgress plot: {os.path.join(os.path.dirname(ckpt), 'progress.png')}")
-    _run("2/4 transfer plans to the labeled target", [_bin("nnssl_transfer_plans"), "-d", "902", "-ckpt", ckpt], env)
-    _run("3/4 stock nnU-Net preprocessing", [_bin("nnUNetv2_preprocess"), "-d", "902", "-plans_name",
+    _run("2/5 transfer plans to the labeled target", [_bin("nnssl_transfer_plans"), "-d", "902", "-ckpt", ckpt], env)
+    _run("3/5 stock nnU-Net preprocessing", [_bin("nnUNetv2_preprocess"), "-d", "902", "-plans_name",
                                              "nnsslPlans_MDAE_tiny", "-c", "3d_fullres", "-np", "1"], env)
-    _run("4/4 stock nnU-Net finetuning with the pretrained weights",
+    _run("4/5 stock nnU-Net finetuning with the pretrained weights",
          [_bin("nnUNetv2_train"), "902", "3d_fullres", "all", "-p", "nnsslPlans_MDAE_tiny", "-tr",
           "nnUNetTrainer_nnsslSmoke", "-pretrained_weights", ckpt, "-device", args.device], env)
     fin = os.path.join(env["nnUNet_results"], "Dataset902_DemoCTOrgans",
                        "nnUNetTrainer_nnsslSmoke__nnsslPlans_MDAE_tiny__3d_fullres", "fold_all")
+    make_cls_dataset(env["nnUNet_raw"])
+    _run("5/5 classification (frozen pretrained encoder + attention pooling head)",
+         [_bin("nnssl_finetune"), "-d", "903", "-ckpt", ckpt, "--task", "cls", "-tr", "_smoke", "-f", "all",
+          "-device", args.device], env)
+    cls = os.path.join(env["nnUNet_results"], "Dataset903_DemoCTLiverInView",
+                       "nnsslClsTrainer_Frozen_smoke__nnsslPlans_MDAE_tiny__3d_fullres", "fold_all")
     print(f"\nDemo finished. Finetuned model: {fin}\n  validation: {os.path.join(fin, 'validation')}\n"
-          f"  summary: {os.path.join(fin, 'validation', 'summary.json')}\nWorkspace kept at {work}")
+          f"  summary: {os.path.join(fin, 'validation', 'summary.json')}\n"
+          f"Classifier: {cls}\n  metrics: {os.path.join(cls, 'validation_classification.json')}\n"
+          f"Workspace kept at {work}")
     return 0
+
+
+def make_cls_dataset(raw: str, n_per_axis: int = 3) -> None:
+    """Crops of the demo CT on a grid, labelled by whether the liver (TotalSegmentator label 5) fills ≥ 2 %."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(os.path.join(DEMO_DIR, "totalseg_ct_sm.nii.gz"))
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(DEMO_DIR, "totalseg_ct_sm_seg.nii.gz")))
+    ds = os.path.join(raw, "Dataset903_DemoCTLiverInView")
+    os.makedirs(os.path.join(ds, "imagesTr"), exist_ok=True)
+    size = (48, 48, 30)  # x, y, z voxels (3 mm)
+    nx, ny, nz = img.GetSize()
+    labels = {}
+    for i, x0 in enumerate(np.linspace(0, nx - size[0], n_per_axis).astype(int)):
+        for j, y0 in enumerate(np.linspace(0, ny - size[1], n_per_axis).astype(int)):
+            crop = sitk.RegionOfInterest(img, size, [int(x0), int(y0), 0])
+            liver = seg[:, y0:y0 + size[1], x0:x0 + size[0]] == DEMO_LABELS["liver"]
+            case = f"crop{i}{j}"
+            sitk.WriteImage(crop, os.path.join(ds, "imagesTr", f"{case}_0000.nii.gz"))
+            labels[case] = int(liver.mean() >= 0.02)
+    with open(os.path.join(ds, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": len(labels)}, f)
+    with open(os.path.join(ds, "classification_labels.json"), "w") as f:
+        json.dump({**labels, "class_names": ["no_liver", "liver"]}, f)
 
 
 def main_cli():

@@ -21,7 +21,9 @@ from nnssl_plugins.utils.io import atomic_write_json, safe_torch_load
 
 
 def transfer_plans(target_dataset, checkpoint_path: str, plans_name: Optional[str] = None,
-                   num_processes: int = 1, allow_channel_mismatch: bool = False) -> str:
+                   num_processes: int = 1, allow_channel_mismatch: bool = False,
+                   require_segmentation: bool = True) -> str:
+    """`require_segmentation=False` (classification targets): labels/labelsTr are optional."""
     U.require_env()
     ckpt = safe_torch_load(checkpoint_path)
     plan = get_adaptation_plan(ckpt, checkpoint_path)
@@ -37,11 +39,11 @@ def transfer_plans(target_dataset, checkpoint_path: str, plans_name: Optional[st
             f"Stock -pretrained_weights cannot adapt the first convolution; use the finetune trainer "
             f"(-tr nnsslFinetuneTrainer, which repeats the stem kernel over channels) and run "
             f"nnssl_transfer_plans with --allow-channel-mismatch.")
-    if "labels" not in dataset_json:
+    if require_segmentation and "labels" not in dataset_json:
         raise UserInputError(f"{name}/dataset.json: no 'labels' entry. Segmentation finetuning needs a labeled "
                              f"target dataset (labels + labelsTr/).")
     cases = U.list_cases(name, dataset_json)
-    if not U.is_labeled(cases):
+    if require_segmentation and not U.is_labeled(cases):
         missing = [k for k, v in cases.items() if v["label"] is None][:3]
         raise UserInputError(f"{name}/labelsTr: no label for case(s) {missing}. Add labelsTr/<case>"
                              f"{dataset_json['file_ending']} for every image.")

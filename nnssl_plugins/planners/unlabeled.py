@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.utils.io import atomic_write_json
+from nnssl_plugins.utils.io import atomic_path, atomic_write_json
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 HIST_BINS = 4096
@@ -314,4 +314,13 @@ def preprocess(dataset_name: str, plans_name: str, cases: Dict[str, dict], datas
         print(f"{len(cases) - len(todo)} case(s) already preprocessed in {out_dir}, {len(todo)} to go.")
     items = [(k, cases[k]["images"], cases[k]["label"], plans, configuration, dataset_json, out_dir) for k in todo]
     _pool_map(_preprocess_one, items, num_processes, "Preprocessing cases")
+    if is_labeled(cases):
+        # as nnUNetv2_preprocess does: nnU-Net's final validation reads the references from here
+        gt = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name, "gt_segmentations")
+        os.makedirs(gt, exist_ok=True)
+        for k, c in cases.items():
+            dst = os.path.join(gt, k + dataset_json["file_ending"])
+            if not os.path.isfile(dst) or os.stat(dst).st_mtime < os.stat(c["label"]).st_mtime:
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(c["label"], tmp)
     return out_dir

@@ -8,10 +8,11 @@ from nnssl_plugins.trainers.stock_variants import nnUNetTrainer_nnsslSmoke  # no
 from nnssl_plugins.trainers.finetune import (  # noqa: F401
     nnsslFinetuneTrainer, nnsslFinetuneTrainer_full, nnsslFinetuneTrainer_frozenEncoder, nnsslFinetuneTrainer_150ep,
     nnsslPrimusFinetuneTrainer, nnsslPrimusFinetuneTrainer_full, nnsslPrimusFinetuneTrainer_frozenEncoder,
-    nnsslPrimusFinetuneTrainer_150ep,
+    nnsslPrimusFinetuneTrainer_150ep, nnsslFinetuneTrainer_smoke, nnsslPrimusFinetuneTrainer_smoke,
 )
 from nnssl_plugins.trainers.classification import (  # noqa: F401
     nnsslClsTrainer, nnsslClsTrainer_Frozen, nnsslClsTrainer_balanced, nnsslClsTrainer_Frozen_balanced,
+    nnsslClsTrainer_Frozen_smoke,
 )
 from nnssl_plugins.trainers.hiend_mae import HiEndMAEPretrainTrainer, HiEndMAEPretrainTrainer_smoke  # noqa: F401
 from nnssl_plugins.trainers.maesil import MAESILPretrainTrainer, MAESILPretrainTrainer_smoke  # noqa: F401

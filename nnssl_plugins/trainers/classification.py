@@ -43,7 +43,7 @@ from nnssl_plugins.trainers.finetune import nnsslPretrainedMixin
 from nnssl_plugins.utils.io import atomic_write_json
 
 __all__ = ["nnsslClsTrainer", "nnsslClsTrainer_Frozen", "nnsslClsTrainer_balanced", "nnsslClsTrainer_Frozen_balanced",
-           "ClsDataLoader"]
+           "nnsslClsTrainer_Frozen_smoke", "ClsDataLoader"]
 
 VALIDATION_JSON = "validation_classification.json"
 VALIDATION_CSV = "validation_classification_probabilities.csv"
@@ -288,3 +288,12 @@ class nnsslClsTrainer_balanced(nnsslClsTrainer):
 
 class nnsslClsTrainer_Frozen_balanced(nnsslClsTrainer_Frozen):
     class_weighting = "balanced"
+
+
+class nnsslClsTrainer_Frozen_smoke(nnsslClsTrainer_Frozen):
+    """2 epochs × 10 iterations (setup check, the demo's classification run)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 10, 2

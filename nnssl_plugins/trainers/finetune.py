@@ -36,7 +36,7 @@ __all__ = [
     "nnsslFinetuneTrainer", "nnsslFinetuneTrainer_full", "nnsslFinetuneTrainer_frozenEncoder",
     "nnsslFinetuneTrainer_150ep",
     "nnsslPrimusFinetuneTrainer", "nnsslPrimusFinetuneTrainer_full", "nnsslPrimusFinetuneTrainer_frozenEncoder",
-    "nnsslPrimusFinetuneTrainer_150ep",
+    "nnsslPrimusFinetuneTrainer_150ep", "nnsslFinetuneTrainer_smoke", "nnsslPrimusFinetuneTrainer_smoke",
 ]
 
 
@@ -199,3 +199,22 @@ class nnsslPrimusFinetuneTrainer_150ep(nnsslPrimusFinetuneTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 150
+
+
+def _smoke_length(trainer) -> None:
+    """2 epochs × 10 iterations: a setup check on any machine (as the pretraining `_smoke` variants)."""
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 2, 10, 2
+
+
+class nnsslFinetuneTrainer_smoke(nnsslFinetuneTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _smoke_length(self)
+
+
+class nnsslPrimusFinetuneTrainer_smoke(nnsslPrimusFinetuneTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _smoke_length(self)
