@@ -35,6 +35,11 @@ def test_shard_union_equals_single_run(tmp_path, monkeypatch):
     assert sorted(f for f in os.listdir(sharded) if f.endswith(".nnsslmask")) == names
     for f in names:
         assert filecmp.cmp(os.path.join(sharded, f), os.path.join(folder, f), shallow=False), f
+    # worker processes (-np 2) give the same bytes as one process
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args + ["--overwrite", "-np", "2"]) == 0
+    for f in names:
+        assert filecmp.cmp(os.path.join(sharded, f), os.path.join(folder, f), shallow=False), f
 
 
 def test_planning_a_merged_dataset_of_symlinks(nnunet_env):
