@@ -7,9 +7,8 @@ loading the checkpoint. Rerunning resumes (checkpoint_latest) or reports the fin
 from __future__ import annotations
 
 import argparse
-import os
 
-from nnssl_plugins.errors import UserInputError, run_cli
+from nnssl_plugins.errors import run_cli
 
 DEFAULT_TRAINERS = {("seg", "cnn"): "nnsslFinetuneTrainer", ("seg", "primus"): "nnsslPrimusFinetuneTrainer",
                     ("cls", "cnn"): "nnsslClsTrainer_Frozen", ("cls", "primus"): "nnsslClsTrainer_Frozen"}
@@ -30,29 +29,19 @@ def main(argv=None) -> int:
     p.add_argument("-np", type=int, default=1, help="processes for fingerprint/preprocessing")
     args = p.parse_args(argv)
 
-    import torch
-
-    from nnssl_plugins.cli.trainer_path import ensure_trainer_discovery
+    from nnssl_plugins.cli.training import find_trainer, resolve_device, train_resumable
     from nnssl_plugins.planners import unlabeled as U
     from nnssl_plugins.planners.transfer import transfer_plans
     from nnssl_plugins.pretrain.common.adaptation import get_adaptation_plan
     from nnssl_plugins.utils.io import safe_torch_load
 
     U.require_env()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
+    device = resolve_device(args.device)
     plan = get_adaptation_plan(safe_torch_load(args.ckpt), args.ckpt)
     kind = "primus" if plan["architecture_plans"]["arch_class_name"].endswith("Primus") else "cnn"
     default = DEFAULT_TRAINERS[(args.task, kind)]
     trainer_name = default if args.tr is None else (default + args.tr if args.tr.startswith("_") else args.tr)
-    ensure_trainer_discovery()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    try:
-        recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError:
-        raise UserInputError(f"-tr {args.tr}: no trainer class {trainer_name}.") from None
+    find_trainer(trainer_name, args.tr)
 
     name = U.dataset_name_from_id(args.d)
     print(f"[1/3] Transferring plans from {args.ckpt} to {name}")
@@ -68,19 +57,7 @@ def main(argv=None) -> int:
     dj = U.write_preprocessed_dataset_json(name, dataset_json)
     U.preprocess(name, plans_name, cases, dj, "3d_fullres", args.np)
 
-    from nnunetv2.run.run_training import run_training
-
-    out = os.path.join(os.environ["nnUNet_results"], name, f"{trainer_name}__{plans_name}__3d_fullres",
-                       f"fold_{args.f}")
-    if os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
-        print(f"[3/3] Already finished: {out}")
-        return 0
-    resume = os.path.isfile(os.path.join(out, "checkpoint_latest.pth"))
-    print(f"[3/3] Training {trainer_name} (fold {args.f}, device {device}"
-          f"{', resuming' if resume else ', loading ' + args.ckpt}) → {out}")
-    run_training(name, "3d_fullres", args.f, trainer_name, plans_name,
-                 pretrained_weights=None if resume else args.ckpt, continue_training=resume,
-                 device=torch.device(device))
+    out = train_resumable(name, trainer_name, plans_name, args.f, device, "[3/3]", pretrained_weights=args.ckpt)
     print(f"Done: {out}")
     return 0
 

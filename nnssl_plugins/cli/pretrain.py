@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from nnssl_plugins.errors import UserInputError, run_cli
+from nnssl_plugins.errors import run_cli
 
 
 def _resolve_trainer(method: str, tr: str | None) -> str:
@@ -52,11 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--mask-backend", default="slic", help="MASS only: slic (default), sam2 or labels")
     p.add_argument("--sam2-checkpoint", default=None)
     p.add_argument("--sam2-config", default=None)
-    args, _ = p.parse_known_args(argv)
+    args = p.parse_args(argv)
 
-    import torch
-
-    from nnssl_plugins.cli.trainer_path import ensure_trainer_discovery
+    from nnssl_plugins.cli.training import find_trainer, resolve_device, train_resumable
     from nnssl_plugins.planners.api import plan_and_preprocess
     from nnssl_plugins.planners.registry import get_planner
     from nnssl_plugins.planners.unlabeled import dataset_name_from_id, require_env
@@ -67,24 +65,9 @@ def main(argv=None) -> int:
     name = dataset_name_from_id(args.d)
     plans_name = args.pl or planner.default_plans_name(args.preset)
     # check every argument before planning writes anything
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
-    if args.num_gpus > 1 and device != "cuda":
-        raise UserInputError(f"-num_gpus {args.num_gpus}: more than one GPU needs -device cuda (nnU-Net's DDP runs "
-                             f"on GPUs only). Use -num_gpus 1 on {device}.")
-    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
-        raise UserInputError(f"-num_gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible. "
-                             f"Lower -num_gpus or check CUDA_VISIBLE_DEVICES.")
-    ensure_trainer_discovery()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
+    device = resolve_device(args.device, args.num_gpus)
     trainer_name = _resolve_trainer(method, args.tr)
-    try:
-        trainer_cls = recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError:
-        raise UserInputError(f"-tr {args.tr}: no trainer class {trainer_name}. Use e.g. -tr _smoke "
-                             f"or a full class name.") from None
+    trainer_cls = find_trainer(trainer_name, args.tr)
 
     if not _plans_ready(name, plans_name) or args.spacing:
         print(f"[1/3] Planning + preprocessing {name} for {method} ({plans_name})")
@@ -99,22 +82,8 @@ def main(argv=None) -> int:
     else:
         print("[2/3] No extra data preparation for this method")
 
-    if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, os.cpu_count() or 1))  # as nnUNetv2_train does on CPU
-
-    from nnunetv2.run.run_training import run_training
-
-    out = os.path.join(os.environ["nnUNet_results"], name, f"{trainer_name}__{plans_name}__3d_fullres",
-                       f"fold_{args.f}")
-    if os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
-        print(f"[3/3] Already finished: {os.path.join(out, 'checkpoint_final.pth')}")
-        return 0
-    resume = args.c or os.path.isfile(os.path.join(out, "checkpoint_latest.pth"))
-    print(f"[3/3] Training {trainer_name} on {name} (fold {args.f}, device {device}"
-          f"{', resuming' if resume else ''}) → {out}")
-    run_training(name, "3d_fullres", args.f, trainer_name, plans_name, num_gpus=args.num_gpus,
-                 continue_training=resume, device=torch.device(device))
-    print(f"Checkpoint: {os.path.join(out, 'checkpoint_final.pth')}")
+    train_resumable(name, trainer_name, plans_name, args.f, device, "[3/3]", num_gpus=args.num_gpus,
+                    force_continue=args.c)
     return 0
 
 
