@@ -17,8 +17,9 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnssl_plugins.planners.base import resenc_architecture
-from nnssl_plugins.pretrain.mdae.corruption import corrupt, mdae_loss
+from nnssl_plugins.pretrain.common.networks import resenc_architecture
+from nnssl_plugins.pretrain.mdae.corruption import corrupt
+from nnssl_plugins.pretrain.mdae.loss import mdae_loss
 from nnssl_plugins.pretrain.mdae.model import MDAENetwork
 
 CONFIGS = {

@@ -35,6 +35,9 @@ def nnunet_env(tmp_path, monkeypatch):
         d.mkdir()
         monkeypatch.setenv(name, str(d))
         paths[name] = str(d)
+    # MASSPretrainTrainer.prepare_pretraining_data records the chosen mask backend in this variable for the
+    # training that follows in the same process; undone after the test like the paths (empty = auto-detect)
+    monkeypatch.setenv("nnssl_mass_mask_backend", "")
     return paths
 
 

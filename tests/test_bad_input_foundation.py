@@ -80,7 +80,7 @@ def test_nan_image_named(nnunet_env, capsys):
 
 
 def _fake_ckpt(path, with_plan=True, channels=1):
-    from nnssl_plugins.planners.base import resenc_architecture
+    from nnssl_plugins.pretrain.common.networks import resenc_architecture
     from nnssl_plugins.pretrain.common.adaptation import make_adaptation_plan
 
     arch = resenc_architecture([8, 16, 32], [1, 1, 1])

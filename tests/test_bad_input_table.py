@@ -1,4 +1,4 @@
-"""Bad input across every command, as one table (DESIGN §8, issue 8).
+"""Bad input across every command, as one table (issue 8).
 
 Each row: a command, its argv and the bad input it is given. Every row must give exit code 2 (1 for stock
 `nnUNetv2_train`, whose exit status we do not control), exactly one
@@ -62,7 +62,7 @@ def ws(tmp_path_factory):
     import io
 
     from nnssl_plugins.planners.api import plan_and_preprocess
-    from nnssl_plugins.planners.hiend_mae import method_config_from_plans
+    from nnssl_plugins.pretrain.mae_common.config import method_config_from_plans
     from nnssl_plugins.pretrain.hiend_mae import build_model as build_hiend
     from nnssl_plugins.pretrain.mass import build_mass_model
 
@@ -187,7 +187,7 @@ def _cls_labels(ws):
 
 
 def _mdae_plan_without(ws, drop):
-    from nnssl_plugins.planners.base import resenc_architecture
+    from nnssl_plugins.pretrain.common.networks import resenc_architecture
 
     arch = resenc_architecture([8, 16, 32], [1, 1, 1])
     plans = {"dataset_name": SEG, "plans_name": "nnsslPlans_X", "configurations": {"3d_fullres": {

@@ -26,7 +26,7 @@ def test_encoder_only_loading_from_each_method(nnunet_env, tmp_path, method, mod
     from nnssl_plugins.planners.transfer import transfer_plans
     from nnssl_plugins.pretrain.common.adaptation import make_adaptation_plan
     from nnssl_plugins.pretrain.common.weight_transfer import backbone_keys, encoder_prefixes, load_pretrained_into
-    from nnssl_plugins.trainers.finetune import build_primus_from_plans
+    from nnssl_plugins.pretrain.common.networks import build_primus_from_plans
 
     make_synthetic_dataset(nnunet_env["nnUNet_raw"], 990, "Unlab", n_cases=1)
     make_synthetic_dataset(nnunet_env["nnUNet_raw"], 991, "Target", n_cases=2, labeled=True, seed=1)

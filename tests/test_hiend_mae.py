@@ -12,7 +12,7 @@ from nnssl_plugins.errors import UserInputError
 from nnssl_plugins.pretrain.hiend_mae import (
     HIEND_PAPER_CONFIG, build_model, compute_loss, configure_optimizer, default_attend_layers, get_config,
 )
-from nnssl_plugins.pretrain.mae import random_token_mask, mask_to_indices
+from nnssl_plugins.pretrain.mae_common import random_token_mask, mask_to_indices
 
 torch.set_num_threads(1)
 from conftest import SHARED_DATA

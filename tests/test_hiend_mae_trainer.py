@@ -146,7 +146,7 @@ def test_primus_b_checkpoint_loads_into_stock_primus_b_trainer(nnunet_env, tmp_p
     sd = down.state_dict()
     assert torch.equal(sd["eva.blocks.11.mlp.fc2.weight"], ckpt["network_weights"]["eva.blocks.11.mlp.fc2.weight"])
     # the transferred plans' architecture builds the same Primus (what a plans-driven Primus trainer uses)
-    from nnssl_plugins.trainers.finetune import build_primus_from_plans
+    from nnssl_plugins.pretrain.common.networks import build_primus_from_plans
     alt = build_primus_from_plans(tpm, tcm, 1, 3)
     assert {k: v.shape for k, v in alt.state_dict().items()} == {k: v.shape for k, v in sd.items()}
 

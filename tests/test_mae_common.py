@@ -9,7 +9,7 @@ from einops import rearrange
 
 from nnssl_plugins.errors import UserInputError
 from nnssl_plugins.pretrain.hiend_mae import build_model, compute_loss, get_config
-from nnssl_plugins.pretrain.mae import (
+from nnssl_plugins.pretrain.mae_common import (
     PrimusMAEBackbone, TINY_ARCH_KWARGS, configure_optimizer, mask_to_indices, masked_mse, patchify,
     random_token_mask, save_pictures_from_logs, unpatchify, with_input_shape,
 )

@@ -6,8 +6,9 @@ import pytest
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnssl_plugins.planners.base import resenc_architecture
-from nnssl_plugins.pretrain.mdae.corruption import block_mask, corrupt, mdae_loss, visible_weight
+from nnssl_plugins.pretrain.common.networks import resenc_architecture
+from nnssl_plugins.pretrain.mdae.corruption import block_mask, corrupt
+from nnssl_plugins.pretrain.mdae.loss import mdae_loss, visible_weight
 from nnssl_plugins.pretrain.mdae.model import MDAENetwork
 
 from conftest import REAL_CT

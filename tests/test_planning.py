@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nnssl_plugins.planners.api import plan_and_preprocess
-from nnssl_plugins.planners.unlabeled import clipped_intensity_stats
+from nnssl_plugins.planners.preprocessing import clipped_intensity_stats
 
 from conftest import BIN, REAL_CT, REAL_CT_SEG, make_synthetic_dataset, run_cmd
 

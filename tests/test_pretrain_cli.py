@@ -14,7 +14,10 @@ TRAINER = '''
 from nnssl_plugins.trainers.mdae import MDAEPretrainTrainer
 
 class MDAEPretrainTrainer_resumeTest(MDAEPretrainTrainer):
-    run_length = (4, 4, 1)  # checkpoint_latest after every epoch
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 4, 4, 1
+        # 4 epochs: checkpoint_latest after every epoch
 '''
 
 

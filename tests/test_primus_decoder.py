@@ -10,8 +10,8 @@ from nnssl_plugins.pretrain.common.primus_decoder import FactorizedPatchDecode
 
 
 def _plans(patch_embed, patch):
-    from nnssl_plugins.pretrain.hiend_mae.configs import HIEND_TINY_CONFIG
-    from nnssl_plugins.pretrain.mae.config import PRIMUS_CLASS_NAME
+    from nnssl_plugins.pretrain.hiend_mae.config import HIEND_TINY_CONFIG
+    from nnssl_plugins.pretrain.mae_common.config import PRIMUS_CLASS_NAME
 
     kw = deepcopy(HIEND_TINY_CONFIG["arch_kwargs"])
     kw.update(patch_embed_size=list(patch_embed), input_shape=list(patch), eva_depth=2)
@@ -37,7 +37,7 @@ def test_finetune_primus_with_12_cubed_tokens_decodes_full_size_and_loads_encode
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnssl_plugins.pretrain.common.weight_transfer import backbone_keys, transfer_weights
-    from nnssl_plugins.trainers.finetune import build_primus_from_plans
+    from nnssl_plugins.pretrain.common.networks import build_primus_from_plans
 
     pm = PlansManager(_plans([12, 12, 12], [48, 48, 48]))
     cm = pm.get_configuration("3d_fullres")

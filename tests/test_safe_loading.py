@@ -1,4 +1,4 @@
-"""Safe loading (DESIGN §8): a malicious pickle fed to every loader we own never runs its payload.
+"""Safe loading: a malicious pickle fed to every loader we own never runs its payload.
 
 The payload is a pickle whose `__reduce__` creates a marker file. Each loader must refuse it with one clear
 message and the marker must never appear. Checked loaders: `safe_torch_load` (and through it

@@ -80,13 +80,13 @@ def evaluate(ckpt_path: str, dataset, n: int = 5, out_dir: str = None, seed: int
     import torch
 
     from nnssl_plugins.errors import UserInputError
-    from nnssl_plugins.planners import unlabeled as U
-    from nnssl_plugins.planners.hiend_mae import method_config_from_plans
+    from nnssl_plugins.planners import preprocessing as U
+    from nnssl_plugins.pretrain.mae_common.config import method_config_from_plans
     from nnssl_plugins.pretrain.common.adaptation import get_adaptation_plan
-    from nnssl_plugins.pretrain.mae.losses import unpatchify
-    from nnssl_plugins.pretrain.mae.pictures import save_pictures_from_logs
+    from nnssl_plugins.pretrain.mae_common.loss import unpatchify
+    from nnssl_plugins.pretrain.mae_common.pictures import save_pictures_from_logs
     from nnssl_plugins.pretrain.maesil.masking import find_si_axis
-    from nnssl_plugins.pretrain.maesil.metrics import psnr, ssim3d
+    from nnssl_plugins.pretrain.mae_common.metrics import psnr, ssim3d
     from nnssl_plugins.utils.io import atomic_write_json, safe_torch_load
 
     if not os.path.isfile(ckpt_path):

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from nnssl_plugins.cli.training import find_trainer, resolve_device, train_resumable
-    from nnssl_plugins.planners import unlabeled as U
+    from nnssl_plugins.planners import preprocessing as U
     from nnssl_plugins.planners.transfer import transfer_plans
     from nnssl_plugins.pretrain.common.adaptation import get_adaptation_plan
     from nnssl_plugins.utils.io import safe_torch_load

@@ -7,11 +7,13 @@ from nnssl_plugins.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnssl_plugins.planners.registry import planners
+
     p = argparse.ArgumentParser(prog="nnssl_plan_and_preprocess",
                                 description="Fingerprint + method plans + nnU-Net preprocessing for (un)labeled "
                                             "datasets. Writes nnsslPlans_<METHOD>[_<preset>].json and .b2nd data.")
     p.add_argument("-d", nargs="+", required=True, help="dataset ID(s) or DatasetXXX_Name")
-    p.add_argument("-m", required=True, help="pretraining method: MDAE, MASS, HiEndMAE, MAESIL")
+    p.add_argument("-m", required=True, help=f"pretraining method: {', '.join(sorted(planners()))}")
     p.add_argument("--preset", default="default", help="'default' (paper setting) or 'tiny' (CPU smoke runs)")
     p.add_argument("-np", type=int, default=1, help="processes for fingerprint and preprocessing (default 1)")
     p.add_argument("-pl", default=None, help="plans name (default nnsslPlans_<METHOD>[_<preset>])")

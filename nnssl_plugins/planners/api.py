@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from nnssl_plugins.planners import unlabeled as U
+from nnssl_plugins.planners import preprocessing as U
 from nnssl_plugins.planners.registry import get_planner
 
 

@@ -16,40 +16,11 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 
 from nnssl_plugins.errors import UserInputError
 
-RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-
-
-def resenc_architecture(features_per_stage: Sequence[int], n_blocks_per_stage: Sequence[int],
-                        n_conv_per_stage_decoder: Optional[Sequence[int]] = None) -> dict:
-    """ResidualEncoderUNet arch entry in nnU-Net's plans format (isotropic 3x3x3 kernels, stride-2 pools)."""
-    n = len(features_per_stage)
-    if len(n_blocks_per_stage) != n:
-        raise ValueError("n_blocks_per_stage must have one entry per stage")
-    return {
-        "network_class_name": RESENC_CLASS,
-        "arch_kwargs": {
-            "n_stages": n,
-            "features_per_stage": [int(f) for f in features_per_stage],
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * n,
-            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-            "n_blocks_per_stage": [int(b) for b in n_blocks_per_stage],
-            "n_conv_per_stage_decoder": [int(b) for b in (n_conv_per_stage_decoder or [1] * (n - 1))],
-            "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
-
 
 class nnsslPlanner(ExperimentPlanner):
     """Subclass per method: set `method`, `target_spacing`, `presets`; override `architecture` and,
-    if the method prescribes intensities, `intensity_properties`."""
+    if the method prescribes intensities, `intensity_properties`. A subclass with `method` set in a module of
+    this package is registered by that name (planners/registry.py); its trainer is `<method>PretrainTrainer`."""
 
     method: str = None
     target_spacing: Sequence[float] = (1.0, 1.0, 1.0)
@@ -75,6 +46,11 @@ class nnsslPlanner(ExperimentPlanner):
     @classmethod
     def default_plans_name(cls, preset: str = "default") -> str:
         return f"nnsslPlans_{cls.method}" + ("" if preset == "default" else f"_{preset}")
+
+    @classmethod
+    def add_cli_arguments(cls, group) -> None:
+        """The method's own options of `nnssl_pretrain` (an argparse argument group). Their values reach the
+        trainer's `prepare_pretraining_data(dataset, plans, options)`. None by default."""
 
     # --- hooks a method overrides ---------------------------------------------------------------
     def architecture(self, patch_size: Sequence[int], num_input_channels: int) -> dict:

@@ -8,22 +8,15 @@ include lung CT (LIDC-IDRI), and a [0, 1] range makes PSNR/SSIM data_range = 1 w
 z-score. Presets: `default` (Primus-B, 128³, loads into stock nnUNet_Primus_B_Trainer with a 128³ patch) and
 `tiny` (4 layers, 96-d, 32³). Method settings (plane/axis mask ratios, decoder) in plans["nnssl"]["settings"].
 """
-from __future__ import annotations
-
-from nnssl_plugins.planners.hiend_mae import PrimusMAEPlanner, _preset
-
-
-def _maesil_presets() -> dict:
-    from nnssl_plugins.pretrain.maesil.configs import MAESIL_PRIMUS_B_CONFIG, MAESIL_TINY_CONFIG
-
-    return {
-        "default": _preset(MAESIL_PRIMUS_B_CONFIG, [128, 128, 128], 2),
-        "tiny": _preset(MAESIL_TINY_CONFIG, [32, 32, 32], 2),
-    }
+from nnssl_plugins.planners.mae_base import PrimusMAEPlanner, mae_preset
+from nnssl_plugins.pretrain.maesil.config import MAESIL_PRIMUS_B_CONFIG, MAESIL_TINY_CONFIG
 
 
 class MAESILPlanner(PrimusMAEPlanner):
     method = "MAESIL"
     target_spacing = (1.5, 1.5, 1.5)
     ct_window = (-1000.0, 1000.0)
-    presets = _maesil_presets()
+    presets = {
+        "default": mae_preset(MAESIL_PRIMUS_B_CONFIG, [128, 128, 128], 2),
+        "tiny": mae_preset(MAESIL_TINY_CONFIG, [32, 32, 32], 2),
+    }

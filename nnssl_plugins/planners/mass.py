@@ -25,7 +25,7 @@ from copy import deepcopy
 from typing import Sequence
 
 from nnssl_plugins.planners.base import nnsslPlanner
-from nnssl_plugins.planners.unlabeled import channel_names
+from nnssl_plugins.planners.preprocessing import channel_names
 
 CT_CLIP = (-991.0, 500.0)
 PERCENTILE_CLIP = (2.0, 98.0)
@@ -41,6 +41,13 @@ class MASSPlanner(nnsslPlanner):
                      n_blocks_per_stage=1),
     }
 
+    @classmethod
+    def add_cli_arguments(cls, group) -> None:
+        group.add_argument("--mask-backend", default=None, choices=["slic", "sam2", "labels"],
+                           help="mask backend for MASSPretrainTrainer.prepare_pretraining_data (default slic)")
+        group.add_argument("--sam2-checkpoint", default=None, help="sam2 backend: checkpoint file")
+        group.add_argument("--sam2-config", default=None, help="sam2 backend: config name inside the sam2 package")
+
     def architecture(self, patch_size: Sequence[int], num_input_channels: int) -> dict:
         from nnssl_plugins.pretrain.mass.arch import mass_arch_kwargs, mass_architecture_plans
 
@@ -50,7 +57,7 @@ class MASSPlanner(nnsslPlanner):
         return mass_architecture_plans(kw)
 
     def intensity_properties(self) -> dict:
-        from nnssl_plugins.planners.unlabeled import clipped_intensity_stats
+        from nnssl_plugins.planners.preprocessing import clipped_intensity_stats
 
         props = deepcopy(self.dataset_fingerprint["foreground_intensity_properties_per_channel"])
         lo, hi = CT_CLIP

@@ -3,7 +3,8 @@
 Normalization is nnU-Net's default per channel name (CT → CTNormalization, else z-score), which is
 what the authors' nnssl pipeline used; corruption happens on the normalized volume.
 """
-from nnssl_plugins.planners.base import nnsslPlanner, resenc_architecture
+from nnssl_plugins.planners.base import nnsslPlanner
+from nnssl_plugins.pretrain.common.networks import resenc_architecture
 
 
 class MDAEPlanner(nnsslPlanner):

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.planners import unlabeled as U
+from nnssl_plugins.planners import preprocessing as U
 from nnssl_plugins.pretrain.common.adaptation import get_adaptation_plan
 from nnssl_plugins.utils.io import atomic_write_json, safe_torch_load
 

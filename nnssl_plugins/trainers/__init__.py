@@ -1,22 +1,23 @@
-"""Every nnU-Net trainer class of the package (stock `nnUNetv2_train -tr <Name>` finds them here)."""
-from nnssl_plugins.trainers.pretrain_base import nnsslPretrainTrainer  # noqa: F401
-from nnssl_plugins.trainers.mdae import (  # noqa: F401
-    MDAEPretrainTrainer, MDAEPretrainTrainer_smoke, MDAEPretrainTrainer_flow, MDAEPretrainTrainer_fixedMask50,
-    MDAEPretrainTrainer_flow_smoke,
-)
-from nnssl_plugins.trainers.stock_variants import nnUNetTrainer_nnsslSmoke  # noqa: F401
-from nnssl_plugins.trainers.finetune import (  # noqa: F401
-    nnsslFinetuneTrainer, nnsslFinetuneTrainer_full, nnsslFinetuneTrainer_frozenEncoder, nnsslFinetuneTrainer_150ep,
-    nnsslPrimusFinetuneTrainer, nnsslPrimusFinetuneTrainer_full, nnsslPrimusFinetuneTrainer_frozenEncoder,
-    nnsslPrimusFinetuneTrainer_150ep, nnsslFinetuneTrainer_smoke, nnsslPrimusFinetuneTrainer_smoke,
-)
-from nnssl_plugins.trainers.classification import (  # noqa: F401
-    nnsslClsTrainer, nnsslClsTrainer_Frozen, nnsslClsTrainer_balanced, nnsslClsTrainer_Frozen_balanced,
-    nnsslClsTrainer_Frozen_smoke,
-)
-from nnssl_plugins.trainers.hiend_mae import HiEndMAEPretrainTrainer, HiEndMAEPretrainTrainer_smoke  # noqa: F401
-from nnssl_plugins.trainers.maesil import MAESILPretrainTrainer, MAESILPretrainTrainer_smoke  # noqa: F401
-from nnssl_plugins.trainers.mass import (  # noqa: F401
-    MASSPretrainTrainer, MASSPretrainTrainer_smoke, MASSPretrainTrainer_onecycle, MASSPretrainTrainer_ema,
-    MASSPretrainTrainer_ema_smoke,
-)
+"""Every nnU-Net trainer class of the package, found by walking this package: each module here is imported and
+each `nnUNetTrainer` subclass it defines is exported (a new trainer module needs no edit anywhere else).
+Stock `nnUNetv2_train -tr <Name>` finds them through `nnssl_plugins/_trainer_path/`."""
+import importlib
+import inspect
+import pkgutil
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+def _discover() -> dict:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__:
+                found[name] = obj
+    return found
+
+
+TRAINERS = _discover()
+globals().update(TRAINERS)
+__all__ = sorted(TRAINERS)

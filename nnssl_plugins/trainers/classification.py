@@ -1,4 +1,4 @@
-"""Case classification trainers (DESIGN §3, docs/finetuning.md).
+"""Case classification trainers (docs/finetuning.md).
 
     nnUNetv2_train D 3d_fullres F -p <transferred plans> -tr nnsslClsTrainer_Frozen -pretrained_weights ckpt.pth
 
@@ -38,12 +38,12 @@ from nnssl_plugins.pretrain.common.classification import (
     write_probabilities_csv,
 )
 from nnssl_plugins.pretrain.common.data import intensity_transforms
+from nnssl_plugins.pretrain.common.networks import unwrap_network
 from nnssl_plugins.pretrain.common.weight_transfer import WarmupPolyLR, backbone_keys, encoder_prefixes
 from nnssl_plugins.trainers.finetune import nnsslPretrainedMixin
+from nnssl_plugins.trainers.smoke import nnsslSmokeRun
 from nnssl_plugins.utils.io import atomic_write_json
 
-__all__ = ["nnsslClsTrainer", "nnsslClsTrainer_Frozen", "nnsslClsTrainer_balanced", "nnsslClsTrainer_Frozen_balanced",
-           "nnsslClsTrainer_Frozen_smoke", "ClsDataLoader"]
 
 VALIDATION_JSON = "validation_classification.json"
 VALIDATION_CSV = "validation_classification_probabilities.csv"
@@ -114,8 +114,6 @@ class nnsslClsTrainer(nnsslPretrainedMixin, nnUNetTrainer):
         return None
 
     def _classifier(self) -> EncoderClassifier:
-        from nnssl_plugins.pretrain.common.weight_transfer import unwrap_network
-
         return unwrap_network(self.network)
 
     def backbone_arch_name(self) -> str:
@@ -290,10 +288,5 @@ class nnsslClsTrainer_Frozen_balanced(nnsslClsTrainer_Frozen):
     class_weighting = "balanced"
 
 
-class nnsslClsTrainer_Frozen_smoke(nnsslClsTrainer_Frozen):
-    """2 epochs × 10 iterations (setup check, the demo's classification run)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 10, 2
+class nnsslClsTrainer_Frozen_smoke(nnsslSmokeRun, nnsslClsTrainer_Frozen):
+    """The demo's classification run."""

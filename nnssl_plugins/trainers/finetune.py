@@ -1,4 +1,4 @@
-"""Segmentation finetuning trainers for our pretraining checkpoints (DESIGN §3, docs/finetuning.md).
+"""Segmentation finetuning trainers for our pretraining checkpoints (docs/finetuning.md).
 
     nnUNetv2_train D 3d_fullres F -p <transferred plans> -tr nnsslFinetuneTrainer -pretrained_weights ckpt.pth
 
@@ -15,11 +15,9 @@ from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.common.primus_decoder import FactorizedPatchDecode, is_power_of_two
+from nnssl_plugins.pretrain.common.networks import build_primus_from_plans, unwrap_network
 from nnssl_plugins.pretrain.common.weight_transfer import (
     WarmupPolyLR,
     backbone_keys,
@@ -27,17 +25,9 @@ from nnssl_plugins.pretrain.common.weight_transfer import (
     freeze_prefixes,
     load_pretrained_into,
     register_pretrained_owner,
-    unwrap_network,
     warmup_epochs_for,
 )
-
-__all__ = [
-    "nnsslPretrainedMixin",
-    "nnsslFinetuneTrainer", "nnsslFinetuneTrainer_full", "nnsslFinetuneTrainer_frozenEncoder",
-    "nnsslFinetuneTrainer_150ep",
-    "nnsslPrimusFinetuneTrainer", "nnsslPrimusFinetuneTrainer_full", "nnsslPrimusFinetuneTrainer_frozenEncoder",
-    "nnsslPrimusFinetuneTrainer_150ep", "nnsslFinetuneTrainer_smoke", "nnsslPrimusFinetuneTrainer_smoke",
-]
+from nnssl_plugins.trainers.smoke import nnsslSmokeRun
 
 
 class nnsslPretrainedMixin:
@@ -122,32 +112,6 @@ class nnsslFinetuneTrainer_150ep(nnsslFinetuneTrainer):
         self.num_epochs = 150
 
 
-def build_primus_from_plans(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                            num_input_channels: int, num_output_channels: int) -> nn.Module:
-    """Primus from the plans' architecture entry, with input_shape = the configuration's patch size."""
-    name = configuration_manager.network_arch_class_name
-    if "primus" not in name.lower():
-        raise UserInputError(
-            f"plans '{plans_manager.plans_name}': configuration architecture is '{name}', but the Primus trainers "
-            f"need a Primus architecture. Use plans written by nnssl_transfer_plans from a Primus checkpoint "
-            f"(Hi-End-MAE, MAESIL), or nnsslFinetuneTrainer for CNN plans."
-        )
-    kwargs = dict(configuration_manager.network_arch_init_kwargs)
-    kwargs["input_shape"] = [int(i) for i in configuration_manager.patch_size]
-    patch = kwargs.get("patch_embed_size")
-    if patch is not None and any(s % p for s, p in zip(kwargs["input_shape"], patch)):
-        raise UserInputError(
-            f"plans '{plans_manager.plans_name}': patch size {kwargs['input_shape']} is not divisible by the Primus "
-            f"token size {list(patch)}. Set a patch size that is a multiple of it in the plans."
-        )
-    net = get_network_from_plans(name, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
-                                 num_input_channels, num_output_channels, allow_init=True, deep_supervision=None)
-    if patch is not None and not all(is_power_of_two(int(p)) for p in patch):
-        # stock PatchDecode only upsamples by powers of two (12³ tokens would decode to the wrong size)
-        net.up_projection = FactorizedPatchDecode(patch, net.embed_dim, num_output_channels)
-    return net
-
-
 class nnsslPrimusFinetuneTrainer(nnsslPretrainedMixin, AbstractPrimus):
     """Primus finetuning (Hi-End-MAE / MAESIL checkpoints): AdamW lr 1e-4, warm-up then poly,
     positional embedding interpolated when the patch size differs from pretraining."""
@@ -201,20 +165,9 @@ class nnsslPrimusFinetuneTrainer_150ep(nnsslPrimusFinetuneTrainer):
         self.num_epochs = 150
 
 
-def _smoke_length(trainer) -> None:
-    """2 epochs × 10 iterations: a setup check on any machine (as the pretraining `_smoke` variants)."""
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 2, 10, 2
+class nnsslFinetuneTrainer_smoke(nnsslSmokeRun, nnsslFinetuneTrainer):
+    pass
 
 
-class nnsslFinetuneTrainer_smoke(nnsslFinetuneTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _smoke_length(self)
-
-
-class nnsslPrimusFinetuneTrainer_smoke(nnsslPrimusFinetuneTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _smoke_length(self)
+class nnsslPrimusFinetuneTrainer_smoke(nnsslSmokeRun, nnsslPrimusFinetuneTrainer):
+    pass

@@ -1,4 +1,4 @@
-"""MAESIL pretraining trainer (thin wiring of pretrain/maesil; shared MAE wiring in trainers/hiend_mae.py).
+"""MAESIL pretraining trainer (thin wiring of pretrain/maesil; shared MAE wiring in trainers/mae_base.py).
 
 S–I axis per case: nnU-Net's batch holds only `data`, `target` and `keys`, so the trainer looks each key's
 properties up once (`<preprocessed folder>/<key>.pkl`, written by nnU-Net's preprocessor; with
@@ -16,10 +16,9 @@ from typing import Dict, List, Optional
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_pickle
 
 from nnssl_plugins.pretrain.maesil.masking import find_si_axis
-from nnssl_plugins.trainers.hiend_mae import MAEPretrainTrainerBase, freeze_up_projection, mae_config_from_managers
-from nnssl_plugins.trainers.pretrain_base import SMOKE
-
-__all__ = ["MAESILPretrainTrainer", "MAESILPretrainTrainer_smoke"]
+from nnssl_plugins.pretrain.maesil.model import build_model, compute_loss
+from nnssl_plugins.trainers.mae_base import MAEPretrainTrainerBase, freeze_up_projection, mae_config_from_managers
+from nnssl_plugins.trainers.smoke import nnsslSmokeRun
 
 
 class MAESILPretrainTrainer(MAEPretrainTrainerBase):
@@ -33,8 +32,6 @@ class MAESILPretrainTrainer(MAEPretrainTrainerBase):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision: bool = False):
-        from nnssl_plugins.pretrain.maesil import build_model
-
         return freeze_up_projection(build_model(mae_config_from_managers(plans_manager, configuration_manager),
                                                 num_input_channels))
 
@@ -55,10 +52,10 @@ class MAESILPretrainTrainer(MAEPretrainTrainerBase):
             self._si_axis_cache[key] = axis
         return self._si_axis_cache[key]
 
-    def batch_si_axes(self, model, batch_size: int):
+    def batch_si_axes(self, model, batch: dict):
         default = model.default_si_axis
-        keys = self._batch_keys
-        if keys is None or len(keys) != batch_size:
+        keys = batch.get("keys")
+        if keys is None or len(keys) != batch["data"].shape[0]:
             return default
         axes: List[int] = [a if a is not None else default for a in (self.si_axis_of_case(str(k)) for k in keys)]
         if len(set(axes)) == 1:
@@ -67,12 +64,10 @@ class MAESILPretrainTrainer(MAEPretrainTrainerBase):
             return Counter(axes).most_common(1)[0][0]
         return axes
 
-    def _method_loss(self, model, data, return_pictures):
-        from nnssl_plugins.pretrain.maesil import compute_loss
-
-        return compute_loss(model, data, si_axis=self.batch_si_axes(model, data.shape[0]),
+    def _method_loss(self, model, batch, return_pictures):
+        return compute_loss(model, batch["data"], si_axis=self.batch_si_axes(model, batch),
                             return_pictures=return_pictures)
 
 
-class MAESILPretrainTrainer_smoke(MAESILPretrainTrainer):
-    run_length = SMOKE
+class MAESILPretrainTrainer_smoke(nnsslSmokeRun, MAESILPretrainTrainer):
+    pass

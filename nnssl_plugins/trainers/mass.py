@@ -15,13 +15,26 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from timm.optim import Lamb
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.trainers.pretrain_base import SMOKE, nnsslPretrainTrainer
+from nnssl_plugins.pretrain.common.networks import unwrap_network
+from nnssl_plugins.pretrain.masks import STORE_EXT
+from nnssl_plugins.pretrain.masks.generate import generate_dataset
+from nnssl_plugins.pretrain.mass.loss import hard_dice, mass_loss
+from nnssl_plugins.pretrain.mass.model import build_mass_model
+from nnssl_plugins.pretrain.mass.sampling import MASSDataLoader
+from nnssl_plugins.trainers.pretrain_base import nnsslPretrainTrainer
+from nnssl_plugins.trainers.smoke import nnsslSmokeRun
 
 MASK_BACKEND_ENV = "nnssl_mass_mask_backend"
 BACKEND_ORDER = ("slic", "labels", "sam2")
@@ -32,8 +45,6 @@ def mask_dir(dataset_name: str, plans_name: str, backend: str) -> str:
 
 
 def find_mask_backend(dataset_name: str, plans_name: str, preferred: Optional[str] = None) -> str:
-    from nnssl_plugins.pretrain.masks import STORE_EXT
-
     preferred = preferred or os.environ.get(MASK_BACKEND_ENV)
     if preferred:
         return preferred
@@ -92,22 +103,16 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.initial_lr_mass
         self.weight_decay = self.weight_decay_mass
-        self._batch = None
         self._ema_state = None
 
     # ------------------------------------------------------------------ network
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision: bool = False):
-        from nnssl_plugins.pretrain.mass import build_mass_model
-
         return build_mass_model(configuration_manager.network_arch_init_kwargs, num_input_channels,
                                 patch_size=configuration_manager.patch_size)
 
     def configure_optimizers(self):
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-        from timm.optim import Lamb
-
         opt = Lamb(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         if self.schedule == "onecycle":
             return opt, _OneCycleEpochs(opt, self.initial_lr, self.num_epochs)
@@ -116,12 +121,17 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
     # ------------------------------------------------------------------ data
     @classmethod
     def prepare_pretraining_data(cls, dataset_name: str, plans_name: str, options: dict) -> None:
-        """Generate the mask stores (backend `--mask-backend`, default slic) for cases that lack them."""
-        from nnssl_plugins.pretrain.masks.generate import generate_dataset
-
-        backend = (options or {}).get("mask_backend") or cls.mask_backend or "slic"
-        nproc = int((options or {}).get("np") or 1)
-        generate_dataset(dataset_name, plans_name, backend, num_processes=nproc, progress=True)
+        """Generate the mask stores (backend `--mask-backend`, default slic; options from
+        `MASSPlanner.add_cli_arguments`) for cases that lack them."""
+        options = options or {}
+        backend = options.get("mask_backend") or cls.mask_backend or "slic"
+        backend_options = {}
+        if backend == "sam2":
+            backend_options = {k: options[o] for k, o in (("checkpoint", "sam2_checkpoint"), ("config", "sam2_config"))
+                               if options.get(o) is not None}
+            backend_options["device"] = options.get("device") or "cpu"
+        generate_dataset(dataset_name, plans_name, backend, backend_options=backend_options,
+                         num_processes=int(options.get("np") or 1), progress=True)
         os.environ[MASK_BACKEND_ENV] = backend  # run_training runs in this process: the trainer picks it up
 
     def _mask_dir(self) -> str:
@@ -130,15 +140,7 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
         return mask_dir(self.plans_manager.dataset_name, plans_name, backend)
 
     def get_dataloaders(self):
-        from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-
-        from nnssl_plugins.pretrain.mass.sampling import MASSDataLoader
-
         if self.dataset_class is None:
-            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         ps = self.configuration_manager.patch_size
@@ -162,24 +164,14 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
         return mt_tr, mt_val
 
     # ------------------------------------------------------------------ steps
-    def _to_device(self, batch: dict) -> Dict[str, torch.Tensor]:
-        return {k: batch[k].to(self.device, non_blocking=True) for k in ("data", "target", "ref", "ref_masks")}
-
-    def _forward(self, b: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = self.network(b["ref"], b["ref_masks"], b["data"])
-        return logits, b["target"]
-
-    def compute_loss(self, data: torch.Tensor):
-        from nnssl_plugins.pretrain.mass import mass_loss
-
-        b = self._batch
-        b["data"] = data
-        logits, target = self._forward(b)
+    def compute_loss(self, batch: dict):
+        """batch (MASSDataLoader): query `data` [B, C, *P], its masks `target` [B, K, *P], reference `ref` and
+        `ref_masks`."""
+        logits = self.network(batch["ref"], batch["ref_masks"], batch["data"])
+        target = batch["target"]
         loss, logs = mass_loss(logits, target)
         logs.pop("loss", None)
         if not self.network.training:
-            from nnssl_plugins.pretrain.mass import hard_dice
-
             # channel 0 is the all-ones context mask: report the Dice of the real mask tasks
             d = hard_dice(logits[:, 1:] if logits.shape[1] > 1 else logits,
                           target[:, 1:] if target.shape[1] > 1 else target)
@@ -187,17 +179,8 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
         return loss, logs
 
     def train_step(self, batch: dict) -> dict:
-        self._batch = self._to_device(batch)
         out = super().train_step(batch)
-        self._batch = None
         self._ema_update()
-        return out
-
-    def validation_step(self, batch: dict) -> dict:
-        self._batch = self._to_device(batch)
-        with torch.no_grad():
-            out = super().validation_step(batch)
-        self._batch = None
         return out
 
     def validation_metric(self, collated: dict) -> float:
@@ -209,7 +192,7 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
     def _ema_update(self):
         if not self.ema_decay:
             return
-        sd = self._unwrapped_network().state_dict()
+        sd = unwrap_network(self.network).state_dict()
         if self._ema_state is None:
             self._ema_state = {k: v.detach().clone() for k, v in sd.items()}
             return
@@ -223,7 +206,7 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if not self.ema_decay or self._ema_state is None:
             return super().save_checkpoint(filename)
-        net = self._unwrapped_network()
+        net = unwrap_network(self.network)
         raw = {k: v.detach().clone() for k, v in net.state_dict().items()}
         net.load_state_dict(self._ema_state)
         try:
@@ -238,8 +221,8 @@ class MASSPretrainTrainer(nnsslPretrainTrainer):
                          "patch_size": [int(i) for i in self.configuration_manager.patch_size]}}
 
 
-class MASSPretrainTrainer_smoke(MASSPretrainTrainer):
-    run_length = SMOKE
+class MASSPretrainTrainer_smoke(nnsslSmokeRun, MASSPretrainTrainer):
+    pass
 
 
 class MASSPretrainTrainer_onecycle(MASSPretrainTrainer):
@@ -250,9 +233,5 @@ class MASSPretrainTrainer_ema(MASSPretrainTrainer):
     ema_decay = 0.99
 
 
-class MASSPretrainTrainer_ema_smoke(MASSPretrainTrainer_ema):
-    run_length = SMOKE
-
-
-__all__ = ["MASSPretrainTrainer", "MASSPretrainTrainer_smoke", "MASSPretrainTrainer_onecycle",
-           "MASSPretrainTrainer_ema", "MASSPretrainTrainer_ema_smoke"]
+class MASSPretrainTrainer_ema_smoke(nnsslSmokeRun, MASSPretrainTrainer_ema):
+    pass

@@ -1,14 +1,16 @@
-"""MDAE pretraining trainer: thin wiring of pretrain/mdae into nnU-Net's loop."""
+"""MDAE pretraining trainer: thin wiring of pretrain/mdae into nnU-Net's loop (optimizer: nnU-Net's SGD + poly,
+the authors' nnssl defaults for ResEnc)."""
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnssl_plugins.pretrain.mdae.corruption import corrupt, mdae_loss
+from nnssl_plugins.pretrain.mdae.corruption import corrupt
+from nnssl_plugins.pretrain.mdae.loss import mdae_loss
 from nnssl_plugins.pretrain.mdae.model import MDAENetwork
-from nnssl_plugins.trainers.pretrain_base import SMOKE, nnsslPretrainTrainer
+from nnssl_plugins.trainers.pretrain_base import nnsslPretrainTrainer
+from nnssl_plugins.trainers.smoke import nnsslSmokeRun
 
 
 class MDAEPretrainTrainer(nnsslPretrainTrainer):
@@ -31,11 +33,8 @@ class MDAEPretrainTrainer(nnsslPretrainTrainer):
                                           deep_supervision=False)
         return MDAENetwork(backbone)
 
-    def configure_optimizers(self):
-        # the authors pretrain on nnssl's defaults for ResEnc (SGD + poly, nnU-Net style)
-        return super().configure_optimizers()
-
-    def compute_loss(self, data: torch.Tensor):
+    def compute_loss(self, batch: dict):
+        data = batch["data"]
         c = corrupt(data, self.corruption, self.sigma_max, self.block_size, self.mask_ratio)
         pred = self.network(c.x_in, c.t)
         return mdae_loss(pred, data, c, self.lambda_masked, self.lambda_visible)
@@ -45,8 +44,8 @@ class MDAEPretrainTrainer(nnsslPretrainTrainer):
                          "mask_ratio": self.mask_ratio}}
 
 
-class MDAEPretrainTrainer_smoke(MDAEPretrainTrainer):
-    run_length = SMOKE
+class MDAEPretrainTrainer_smoke(nnsslSmokeRun, MDAEPretrainTrainer):
+    pass
 
 
 class MDAEPretrainTrainer_flow(MDAEPretrainTrainer):
@@ -57,5 +56,5 @@ class MDAEPretrainTrainer_fixedMask50(MDAEPretrainTrainer):
     mask_ratio = 0.5
 
 
-class MDAEPretrainTrainer_flow_smoke(MDAEPretrainTrainer_flow):
-    run_length = SMOKE
+class MDAEPretrainTrainer_flow_smoke(nnsslSmokeRun, MDAEPretrainTrainer_flow):
+    pass

@@ -3,9 +3,13 @@
 A method subclass implements two hooks and nothing else of the loop:
   * `build_network_architecture(...)` (nnU-Net's static hook) → the pretraining network, a superset
     of the backbone recorded in the plans (same module names),
-  * `compute_loss(data) -> (loss, logs)` on a batch of preprocessed image patches.
-Run length is data (`run_length = (epochs, iterations/epoch, val iterations)`), so `_smoke` variants
-are one-line subclasses.
+  * `compute_loss(batch) -> (loss, logs)` on the loader's batch dict, every tensor of it already on the
+    device (`batch["data"]`: preprocessed image patches [B, C, *patch]; a method's own loader may add keys).
+Optional: `configure_optimizers` (default: nnU-Net's SGD + PolyLRScheduler), `get_dataloaders` (default:
+nnU-Net's loader with `pretraining_transforms`), `prepare_pretraining_data` (a classmethod `nnssl_pretrain`
+calls before training, e.g. MASS generates its masks), `adaptation_plan_extras` (method facts for the
+checkpoint). Run length: nnU-Net's `num_epochs` / `num_iterations_per_epoch`; `_smoke` variants mix in
+`trainers.smoke.nnsslSmokeRun`.
 
 Reproducibility: set the class attribute `seed` or the environment variable `nnssl_seed` (wins). Then network
 init and the python/numpy/torch global RNGs are seeded — nnU-Net's infinite DataLoader picks cases with the
@@ -31,11 +35,12 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, distributed as dist
 
+from nnssl_plugins.errors import UserInputError
 from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, _plain, make_adaptation_plan
 from nnssl_plugins.pretrain.common.data import nnsslDatasetBlosc2, pretraining_transforms
-from nnssl_plugins.utils.io import atomic_torch_save
+from nnssl_plugins.pretrain.common.networks import strip_wrapper_prefixes, unwrap_network
+from nnssl_plugins.utils.io import atomic_torch_save, safe_torch_load
 
-SMOKE = (2, 10, 2)  # epochs, train iterations per epoch, val iterations per epoch
 SEED_ENV = "nnssl_seed"
 
 
@@ -70,8 +75,6 @@ def seed_epoch(seed: int, rank: int, epoch: int, loaders=()) -> bool:
 
 class nnsslPretrainTrainer(nnUNetTrainer):
     method: str = None
-    #: (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch)
-    run_length: Tuple[int, int, int] = (1000, 250, 50)
     grad_clip: float = 12.0
     #: fixed seed (None: unseeded, nnU-Net's default); the env var nnssl_seed overrides it
     seed: Optional[int] = None
@@ -79,16 +82,21 @@ class nnsslPretrainTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.run_length
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 0.0
-        # resumability matters more than disk for long pretraining runs: checkpoint every few epochs
-        self.save_every = max(1, min(10, self.num_epochs // 10))
-        self._best_val_loss = None
+        #: lowest validation loss so far (checkpoint_best); saved under nnU-Net's checkpoint key `_best_ema`
+        self.best_val_loss: Optional[float] = None
 
     # ------------------------------------------------------------------ hooks for methods
-    def compute_loss(self, data: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def compute_loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(loss, logs of floats) for one batch; every tensor of `batch` is on `self.device` already."""
         raise NotImplementedError
+
+    @classmethod
+    def prepare_pretraining_data(cls, dataset_name: str, plans_name: str, options: dict) -> None:
+        """Method-specific data preparation that `nnssl_pretrain` runs after preprocessing and before training
+        (`options`: its parsed arguments, including the method's own from `planner.add_cli_arguments`).
+        Nothing by default."""
 
     def adaptation_plan_extras(self) -> dict:
         """Method-specific additions to the checkpoint's adaptation plan."""
@@ -101,8 +109,6 @@ class nnsslPretrainTrainer(nnUNetTrainer):
             try:
                 return int(env)
             except ValueError:
-                from nnssl_plugins.errors import UserInputError
-
                 raise UserInputError(f"{SEED_ENV}={env!r}: must be an integer (or unset for unseeded runs).") from None
         return self.seed
 
@@ -118,7 +124,7 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         return None  # the method's compute_loss is the loss
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        mod = self._unwrapped_network()
+        mod = unwrap_network(self.network)
         if hasattr(mod, "decoder") and hasattr(mod.decoder, "deep_supervision"):
             mod.decoder.deep_supervision = enabled
 
@@ -146,11 +152,15 @@ class nnsslPretrainTrainer(nnUNetTrainer):
             return autocast("cuda", dtype=dtype)
         return dummy_context()
 
+    def batch_to_device(self, batch: dict) -> dict:
+        """The batch with every tensor moved to the device (once per step; other entries, e.g. keys, as they are)."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
+        batch = self.batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss, logs = self.compute_loss(data)
+            loss, logs = self.compute_loss(batch)
         use_scaler = self.grad_scaler is not None and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
         if use_scaler:
             self.grad_scaler.scale(loss).backward()
@@ -166,9 +176,9 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         return {"loss": float(loss.detach().cpu()), **{k: float(v) for k, v in logs.items()}}
 
     def validation_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
+        batch = self.batch_to_device(batch)
         with self._autocast():
-            loss, logs = self.compute_loss(data)
+            loss, logs = self.compute_loss(batch)
         return {"loss": float(loss.detach().cpu()), **{k: float(v) for k, v in logs.items()}}
 
     def _mean_over_ranks(self, values: List[float]) -> float:
@@ -206,15 +216,16 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Epoch time: {np.round(dt, decimals=2)} s")
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != (self.num_epochs - 1):
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
-        if self._best_val_loss is None or va < self._best_val_loss:
-            self._best_val_loss = float(va)
-            self._best_ema = float(va)
+        if self.best_val_loss is None or va < self.best_val_loss:
+            self.best_val_loss = float(va)
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
 
     def on_train_start(self):
+        # resumability matters more than disk for long pretraining runs: checkpoint every few epochs
+        self.save_every = max(1, min(10, self.num_epochs // 10))
         super().on_train_start()
         # a SIGKILL during an atomic checkpoint save leaves only its temp file (never a truncated .pth): drop it
         if self.local_rank == 0:
@@ -244,14 +255,6 @@ class nnsslPretrainTrainer(nnUNetTrainer):
                                f"Checkpoint: {join(self.output_folder, 'checkpoint_final.pth')}")
 
     # ------------------------------------------------------------------ checkpoints
-    def _unwrapped_network(self):
-        from torch._dynamo import OptimizedModule
-
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
-
     def adaptation_plan(self) -> dict:
         cm = self.configuration_manager
         return make_adaptation_plan(
@@ -276,12 +279,13 @@ class nnsslPretrainTrainer(nnUNetTrainer):
         init_args = dict(self.my_init_kwargs)
         init_args["device"] = str(init_args.get("device", "cpu"))
         checkpoint = {
-            "network_weights": self._unwrapped_network().state_dict(),
+            "network_weights": unwrap_network(self.network).state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             # plain builtins only, so the file loads with torch.load(weights_only=True)
             "logging": _plain(self.logger.get_checkpoint()),
-            "_best_ema": None if self._best_ema is None else float(self._best_ema),
+            # nnU-Net's key (stock load_checkpoint reads it); ours holds the lowest validation loss
+            "_best_ema": None if self.best_val_loss is None else float(self.best_val_loss),
             "current_epoch": self.current_epoch + 1,
             "init_args": _plain(init_args),
             "trainer_name": self.__class__.__name__,
@@ -294,24 +298,20 @@ class nnsslPretrainTrainer(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's load_checkpoint, but files are read with torch.load(weights_only=True) (ours hold only
         builtins + tensors; nnU-Net 2.8 uses weights_only=False, and its dict branch is broken)."""
-        from nnssl_plugins.utils.io import safe_torch_load
-
         if not self.was_initialized:
             self.initialize()
         ck = filename_or_checkpoint
         if isinstance(ck, str):
             ck = safe_torch_load(ck, map_location=self.device, allow_numpy=True)
-        weights = {(k[7:] if k.startswith("module.") else k): v for k, v in ck["network_weights"].items()}
-        self._unwrapped_network().load_state_dict(weights)
+        unwrap_network(self.network).load_state_dict(strip_wrapper_prefixes(ck["network_weights"]))
         self.my_init_kwargs = ck["init_args"]
         self.current_epoch = ck["current_epoch"]
         self.logger.load_checkpoint(ck["logging"])
-        self._best_ema = ck["_best_ema"]
+        self.best_val_loss = ck["_best_ema"]
         if ck.get("inference_allowed_mirroring_axes") is not None:
             self.inference_allowed_mirroring_axes = tuple(ck["inference_allowed_mirroring_axes"])
         self.optimizer.load_state_dict(ck["optimizer_state"])
         if self.grad_scaler is not None and ck.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ck["grad_scaler_state"])
-        self._best_val_loss = self._best_ema
         # nnU-Net stores the device as given; keep ours an object for the running process
         self.my_init_kwargs["device"] = self.device

@@ -1,4 +1,4 @@
-"""The `nnssl_adaptation_plan` stored in every pretraining checkpoint (DESIGN §3).
+"""The `nnssl_adaptation_plan` stored in every pretraining checkpoint.
 
 Field names follow the DKFZ nnssl project's AdaptationPlan so its finetuning code can read our
 checkpoints. Stored as a plain dict of str/int/float/list/dict/None, so checkpoints stay loadable

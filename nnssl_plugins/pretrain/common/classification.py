@@ -1,4 +1,4 @@
-"""Case-level classification on top of a pretrained encoder (DESIGN §3 "Classification").
+"""Case-level classification on top of a pretrained encoder.
 
 * labels file: `$nnUNet_raw/DatasetXXX/classification_labels.json` = {"case_id": class_int, ...,
   optional "class_names": ["a", "b", ...]}
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nnssl_plugins.errors import UserInputError
+from nnssl_plugins.pretrain.common.networks import build_primus_from_plans
 
 LABELS_FILE = "classification_labels.json"
 
@@ -161,8 +162,6 @@ def build_classifier(plans_manager, configuration_manager, num_input_channels: i
 
     name = configuration_manager.network_arch_class_name
     if "primus" in name.lower():
-        from nnssl_plugins.trainers.finetune import build_primus_from_plans
-
         seg = build_primus_from_plans(plans_manager, configuration_manager, num_input_channels, 2)
     else:
         seg = get_network_from_plans(name, configuration_manager.network_arch_init_kwargs,

@@ -1,4 +1,4 @@
-"""Loading pretraining checkpoints into downstream networks (DESIGN §3 "Finetuning beyond stock").
+"""Loading pretraining checkpoints into downstream networks.
 
 Reusable pieces used by the finetuning and classification trainers:
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from nnssl_plugins.errors import UserInputError
 from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, BACKBONE_KEYS
+from nnssl_plugins.pretrain.common.networks import strip_wrapper_prefixes, unwrap_network
 
 # keys never transferred (segmentation heads depend on the number of classes), as in stock nnU-Net
 HEAD_KEY_PATTERNS = (".seg_layers.",)
@@ -31,18 +32,6 @@ HEAD_KEY_PATTERNS = (".seg_layers.",)
 # ----------------------------------------------------------------------------------------------------------------
 # network helpers
 # ----------------------------------------------------------------------------------------------------------------
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers."""
-    mod = network
-    for _ in range(3):
-        if hasattr(mod, "module") and isinstance(getattr(mod, "module"), nn.Module) and \
-                type(mod).__name__ in ("DistributedDataParallel", "DataParallel"):
-            mod = mod.module
-        if type(mod).__name__ == "OptimizedModule":
-            mod = mod._orig_mod
-    return mod
-
-
 def canonical_state(module: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """State tensors of `module` by key, plus a map alias -> canonical key for shared tensors.
 
@@ -152,9 +141,7 @@ def read_pretrained_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Opti
             f"{path}: has no 'network_weights' entry. Pass a checkpoint written by nnU-Net / nnssl_plugins "
             f"(checkpoint_final.pth)."
         )
-    # weights saved from DDP / torch.compile networks
-    weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-    weights = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
+    weights = strip_wrapper_prefixes(weights)  # saved from DDP / torch.compile networks
     plan = ckpt.get(ADAPTATION_PLAN_KEY) if isinstance(ckpt, dict) else None
     return weights, plan
 

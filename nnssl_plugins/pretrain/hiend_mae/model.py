@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.mae.decoder import (
+from nnssl_plugins.pretrain.mae_common.decoder import (
     CrossAttentionBlock, fill_mask_tokens, init_mae_weights, norm_layer, self_attention_block, sincos_pos_embed_3d,
 )
-from nnssl_plugins.pretrain.mae.encoder import PrimusMAEBackbone
-from nnssl_plugins.pretrain.mae.losses import masked_mse, patchify, reconstruction_volumes
-from nnssl_plugins.pretrain.mae.masking import mask_to_indices, random_token_mask
+from nnssl_plugins.pretrain.mae_common.encoder import PrimusMAEBackbone
+from nnssl_plugins.pretrain.mae_common.loss import masked_mse, patchify, reconstruction_volumes
+from nnssl_plugins.pretrain.mae_common.masking import mask_to_indices, random_token_mask
 
 DEFAULT_METHOD = dict(
     mask_ratio=0.75,

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.mae.decoder import (
+from nnssl_plugins.pretrain.mae_common.decoder import (
     fill_mask_tokens, init_mae_weights, norm_layer, self_attention_block, sincos_pos_embed_3d,
 )
-from nnssl_plugins.pretrain.mae.encoder import PrimusMAEBackbone
-from nnssl_plugins.pretrain.mae.losses import masked_mse, patchify, reconstruction_volumes
-from nnssl_plugins.pretrain.mae.masking import mask_to_indices
+from nnssl_plugins.pretrain.mae_common.encoder import PrimusMAEBackbone
+from nnssl_plugins.pretrain.mae_common.loss import masked_mse, patchify, reconstruction_volumes
+from nnssl_plugins.pretrain.mae_common.masking import mask_to_indices
 from nnssl_plugins.pretrain.maesil.masking import dual_mask
-from nnssl_plugins.pretrain.maesil.metrics import psnr, ssim3d
+from nnssl_plugins.pretrain.mae_common.metrics import psnr, ssim3d
 
 DEFAULT_METHOD = dict(
     plane_mask_ratio=0.75,

@@ -83,15 +83,8 @@ class PreprocessedDataset:
         self.dataset_json = json.load(open(ds_json)) if os.path.isfile(ds_json) else {}
 
     # ------------------------------------------------------------------ modality
-    def channel_name(self, c: int = 0) -> str:
-        names = self.dataset_json.get("channel_names") or self.dataset_json.get("modality") or {}
-        return str(names.get(str(c), ""))
-
     def hu_inverse(self, c: int = 0):
         return hu_inverse_params(self.plans, self.configuration_name, c)
-
-    def is_ct(self, c: int = 0) -> bool:
-        return self.hu_inverse(c) is not None
 
     # ------------------------------------------------------------------ arrays
     def _open(self, path):

@@ -13,8 +13,9 @@ from typing import Sequence
 import numpy as np
 
 from nnssl_plugins.errors import UserInputError
+from nnssl_plugins.pretrain.common.networks import RESENC_CLASS, resenc_architecture
 
-NETWORK_CLASS_NAME = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+NETWORK_CLASS_NAME = RESENC_CLASS
 KW_REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
 
 
@@ -30,8 +31,6 @@ def mass_arch_kwargs(
     Default = official MASS: 4 downsamplings, 32-64-128-256-512, 2 residual blocks per stage,
     1 conv per decoder stage. Tiny test config e.g. `mass_arch_kwargs(4, 8, 64)`.
     """
-    from nnssl_plugins.planners.base import resenc_architecture
-
     if isinstance(n_blocks_per_stage, int):
         n_blocks_per_stage = [n_blocks_per_stage] * n_stages
     if isinstance(n_conv_per_stage_decoder, int):

@@ -62,15 +62,6 @@ def intensity_compose():
     return ComposeTransforms(intensity_transforms())
 
 
-def mass_transforms(patch_size, strong: bool):
-    """The full per-view pipeline as one batchgeneratorsv2 Compose (reference implementation; MASSDataLoader
-    applies the same spatial draw itself, resampling only the part of the window the grid touches)."""
-    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-
-    p = P_AFFINE_QUERY if strong else P_AFFINE_REF
-    return ComposeTransforms([spatial_transform(patch_size, p)] + intensity_transforms())
-
-
 def _n_words(k: int) -> int:
     return (k + _BITS - 1) // _BITS
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dynamic_network_architectures.architectures.primus import Primus
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.mae.config import validate_arch_kwargs
+from nnssl_plugins.pretrain.mae_common.config import validate_arch_kwargs
 
 
 class PrimusMAEBackbone(nn.Module):

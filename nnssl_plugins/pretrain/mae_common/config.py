@@ -91,3 +91,16 @@ def validate_arch_kwargs(arch_kwargs: dict) -> None:
 def primus_arch_kwargs(config: dict) -> dict:
     """The downstream plans' arch_kwargs (for `Primus`) of a method config."""
     return copy.deepcopy(config["arch_kwargs"])
+
+
+def method_config_from_plans(plans: dict, configuration: str = "3d_fullres") -> dict:
+    """{arch_kwargs, method} config of pretrain/hiend_mae|maesil from a plans dict (architecture + nnssl settings);
+    the model gets `up_projection_classes` = settings['downstream_num_classes']."""
+    cfg = plans["configurations"][configuration]
+    arch = copy.deepcopy(cfg["architecture"]["arch_kwargs"])
+    arch["input_shape"] = [int(i) for i in cfg["patch_size"]]
+    settings = (plans.get("nnssl") or {}).get("settings") or {}
+    method = copy.deepcopy(settings.get("method") or {})
+    n = settings.get("downstream_num_classes", 2)
+    method["up_projection_classes"] = None if n is None else int(n)
+    return {"arch_kwargs": arch, "method": method}

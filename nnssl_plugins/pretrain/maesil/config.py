@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.mae.config import PRIMUS_B_ARCH_KWARGS, TINY_ARCH_KWARGS
+from nnssl_plugins.pretrain.mae_common.config import PRIMUS_B_ARCH_KWARGS, TINY_ARCH_KWARGS
 
 _METHOD = dict(plane_mask_ratio=0.75, axis_mask_ratio=0.5, si_axis=0, decoder_embed_dim=512, decoder_depth=8,
                decoder_num_heads=16, decoder_mlp_ratio=4.0, norm_pix_loss=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from nnssl_plugins.pretrain.mae.config import PRIMUS_B_ARCH_KWARGS, TINY_ARCH_KWARGS
+from nnssl_plugins.pretrain.mae_common.config import PRIMUS_B_ARCH_KWARGS, TINY_ARCH_KWARGS
 
 # Paper-faithful "ViT-B/12(1536)": width 1536, 12 layers, 16 heads, patch 12^3, input 96^3 (plain ViT blocks:
 # no layer-scale, no inner attention norm). Note: a downstream stock Primus cannot use patch 12^3 (its
