@@ -76,7 +76,8 @@ def main():
         sb = make_backend("sam2", checkpoint=None, allow_random_weights=True,
                           config="configs/sam2.1/sam2.1_hiera_t.yaml", image_size=256, points_per_side=8,
                           pred_iou_thresh=0.0, stability_score_thresh=0.0, max_masks_per_slice=4,
-                          min_area=20, min_volume=50, interval_mm=1000.0)
+                          crop_n_layers=0, min_area_mm2=45.0, min_volume_mm3=675.0, interval_mm=1000.0,
+                          min_seed_slices=1, device="cpu")
         sb._load()
         frame = np.stack([np.clip(x[12], 0, 1)] * 3, -1).astype(np.float32)
         t = time.time()

@@ -1,7 +1,7 @@
 """nnssl_generate_masks: class-agnostic 3D masks for MASS pretraining, one store per case.
 
     nnssl_generate_masks -d 500 [-p nnsslPlans_MASS] --backend slic|sam2|labels
-        [--sam2-checkpoint PATH --sam2-config NAME] [--shard i/N] [-np N] [-device cpu|cuda] [--overwrite]
+        [--sam2-checkpoint PATH --sam2-config NAME] [--shard i/N] [-np N] [-device cuda|cpu] [--overwrite]
 """
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config name inside the sam2 package, e.g. configs/sam2.1/sam2.1_hiera_l.yaml")
     p.add_argument("--shard", default=None, help="i/N: process the i-th of N parts of the sorted case list")
     p.add_argument("-np", dest="num_processes", type=int, default=1, help="worker processes (slic/labels)")
-    p.add_argument("-device", default="cpu", choices=["cpu", "cuda"], help="device for sam2")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
+                   help="device for sam2 (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="regenerate existing stores")
     p.add_argument("--seed", type=int, default=0, help="seed for the random dedup choice")
     p.add_argument("--components", action="store_true", help="labels backend: also one mask per connected component")
     p.add_argument("--options", default=None,
-                   help='JSON dict of extra backend options, e.g. \'{"scales_mm": [40, 20]}\'')
+                   help='JSON dict of extra backend options, e.g. \'{"scales_mm": [40, 20]}\' (slic) or '
+                        '\'{"ct_windows": "chest_ct"}\' (sam2); docs/mass.md lists them')
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -41,11 +43,16 @@ def main(argv=None) -> int:
     opts = {"seed": args.seed}
     if args.options:
         try:
-            opts.update(json.loads(args.options))
+            extra = json.loads(args.options)
         except json.JSONDecodeError as e:
             raise UserInputError(f"--options: not valid JSON ({e}).") from None
+        if not isinstance(extra, dict):
+            raise UserInputError(f"--options {args.options}: expected a JSON object, e.g. '{{\"crop_n_layers\": 1}}'.")
+        opts.update(extra)
     if args.backend == "sam2":
-        opts.update(checkpoint=args.sam2_checkpoint, config=args.sam2_config, device=args.device)
+        from nnssl_plugins.cli.training import resolve_device
+
+        opts.update(checkpoint=args.sam2_checkpoint, config=args.sam2_config, device=resolve_device(args.device))
     if args.backend == "labels":
         opts["components"] = args.components
     if args.num_processes < 1:

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="output file (single input) or folder")
     p.add_argument("--labels", nargs="+", type=int, default=None,
                    help="labels to segment (default: all labels > 0 of the first reference)")
-    p.add_argument("-device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("-device", default=None, help="cuda, cpu or mps (default: cuda if available, else cpu)")
     p.add_argument("--save-embedding", default=None, help="write the averaged task embedding (safetensors)")
     p.add_argument("--embedding", default=None, help="use a saved task embedding instead of references")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
@@ -204,9 +204,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nnssl_plugins.pretrain.mass import TaskEmbedding, average_embeddings, predict_volume
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
-    device = torch.device(args.device)
+    from nnssl_plugins.cli.training import resolve_device
+
+    device = torch.device(resolve_device(args.device))
     if not os.path.isfile(args.ckpt):
         raise UserInputError(f"-ckpt {args.ckpt}: file not found.")
     model, pm, cm, plan = load_mass_checkpoint(args.ckpt, device)

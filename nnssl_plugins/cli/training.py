@@ -11,8 +11,8 @@ def resolve_device(requested: str | None, num_gpus: int = 1) -> str:
     import torch
 
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("-device cuda: no CUDA GPU visible. Use -device cpu.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"-device {device}: no CUDA GPU visible. Use -device cpu.")
     if num_gpus > 1 and device != "cuda":
         raise UserInputError(f"-num_gpus {num_gpus}: more than one GPU needs -device cuda (nnU-Net's DDP runs "
                              f"on GPUs only). Use -num_gpus 1 on {device}.")

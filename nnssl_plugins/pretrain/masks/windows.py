@@ -15,15 +15,67 @@ paper's windows are defined in HU, so we invert the normalization recorded in th
   normalization, so they are computed directly on the preprocessed values.
 
 Windows return float32 arrays in [0, 1].
+
+Presets: the official MASS mask generation (``generate_masks.py: DATASET_CONFIGS``) names one
+enhancement per dataset profile; ``CT_WINDOW_PRESETS`` / ``QUANTILE_PRESETS`` carry the same names and
+values (``abdomen_ct`` / ``abdomen_mr`` are the paper's defaults). The official ``autopet_suv`` profile
+windows raw SUV values, which nnU-Net's per-image z-score cannot be inverted to, so it is not offered.
+``resolve_windows`` accepts a preset name or three explicit pairs.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnssl_plugins.errors import UserInputError
+
 CT_WINDOWS: Tuple[Tuple[float, float], ...] = ((60.0, 350.0), (15.0, 250.0), (150.0, 1200.0))  # (center, width) HU
 MR_QUANTILES: Tuple[Tuple[float, float], ...] = ((5.0, 95.0), (15.0, 85.0), (1.0, 99.0))
+
+# (center, width) HU per official dataset profile
+CT_WINDOW_PRESETS: Dict[str, Tuple[Tuple[float, float], ...]] = {
+    "abdomen_ct": CT_WINDOWS,
+    "totalseg_ct": CT_WINDOWS,
+    "lits": CT_WINDOWS,
+    "chest_ct": ((-600.0, 1500.0), (50.0, 350.0), (500.0, 2000.0)),       # lung, mediastinum, bone
+    "autopet_ct": ((-600.0, 1500.0), (50.0, 350.0), (700.0, 2500.0)),
+    "structseg_head_oar": ((90.0, 300.0), (55.0, 120.0), (600.0, 3000.0)),  # vascular, narrow head, temporal bone
+}
+# (lower, upper) percentiles per official dataset profile (MR; also used for PET here)
+QUANTILE_PRESETS: Dict[str, Tuple[Tuple[float, float], ...]] = {
+    "abdomen_mr": MR_QUANTILES,
+    "cardiac_mr": MR_QUANTILES,
+    "totalseg_mr": MR_QUANTILES,
+    "brain_mr": ((1.0, 99.0), (5.0, 95.0), (10.0, 90.0)),
+}
+
+WindowSpec = Union[str, Sequence[Sequence[float]]]
+
+
+def resolve_windows(spec: WindowSpec, kind: str, option: str) -> Tuple[Tuple[float, float], ...]:
+    """A preset name or three (a, b) pairs -> three float pairs. `kind` is "ct" ((center, width) HU) or
+    "quantile" ((lower, upper) percentiles); `option` names the user option in error messages."""
+    presets = CT_WINDOW_PRESETS if kind == "ct" else QUANTILE_PRESETS
+    if isinstance(spec, str):
+        if spec not in presets:
+            raise UserInputError(f"{option} {spec!r}: unknown preset. Choose one of: {', '.join(presets)}, "
+                                 "or give three explicit pairs.")
+        return presets[spec]
+    what = "[center, width] HU" if kind == "ct" else "[lower, upper] percentiles"
+    try:
+        pairs = tuple((float(a), float(b)) for a, b in spec)
+    except (TypeError, ValueError):
+        pairs = ()
+    if len(pairs) != 3:
+        raise UserInputError(f"{option} {spec!r}: expected a preset name or three {what} pairs "
+                             "(SAM2 takes three channels).")
+    for a, b in pairs:
+        if kind == "ct" and b <= 0:
+            raise UserInputError(f"{option} {spec!r}: window width must be > 0.")
+        if kind != "ct" and not 0 <= a < b <= 100:
+            raise UserInputError(f"{option} {spec!r}: percentiles need 0 <= lower < upper <= 100.")
+    return pairs
 
 
 def hu_inverse_params(plans: dict, configuration: str, channel: int = 0) -> Optional[Dict[str, float]]:

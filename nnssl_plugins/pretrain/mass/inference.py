@@ -4,6 +4,8 @@
 Gaussian importance weighting from `compute_gaussian` (sigma 1/8, as nnU-Net), images smaller than the
 patch are zero-padded (like nnU-Net's `pad_nd_image`) and cropped back. Probabilities (sigmoid) are
 aggregated; thresholding (0.5) is left to the caller. The task embedding is computed once (cacheable).
+The network runs under `nnssl_plugins.utils.precision.autocast` (bf16 on CUDA cards with native bf16,
+fp16 on older ones, fp32 on CPU); probabilities are aggregated in fp32.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from nnssl_plugins.errors import UserInputError
 from nnssl_plugins.pretrain.mass.model import MASSModel, TaskEmbedding
+from nnssl_plugins.utils.precision import autocast
 
 
 def _as_tensor(image) -> torch.Tensor:
@@ -61,7 +64,9 @@ def predict_volume(model: MASSModel, image, task_embedding: TaskEmbedding, patch
     for i in range(0, len(slices), batch_size):
         chunk = slices[i:i + batch_size]
         x = torch.stack([data[(slice(None), *sl)] for sl in chunk]).to(device)
-        probs = torch.sigmoid(model.segment(x, emb).float())
+        with autocast(device):
+            logits = model.segment(x, emb)
+        probs = torch.sigmoid(logits.float())
         for p, sl in zip(probs, chunk):
             agg[(slice(None), *sl)] += p * gaussian
             weight[sl] += gaussian

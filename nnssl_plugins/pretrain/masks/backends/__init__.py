@@ -3,10 +3,12 @@
 * ``name`` (str) and ``params`` (JSON-able dict recorded in every store header),
 * ``generate(case: CaseInput) -> list[CroppedMask]`` (post-processed, deduplicated masks).
 
-Registered by name in ``BACKENDS``; ``make_backend(name, **options)`` builds one.
+Registered by name in ``BACKENDS``; ``make_backend(name, **options)`` builds one. Options are the
+backend constructor's keyword arguments; an unknown option is an error naming it and the valid ones.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -23,19 +25,38 @@ class CaseInput:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def make_backend(name: str, **options):
+def backend_class(name: str):
     from nnssl_plugins.errors import UserInputError
 
     if name == "slic":
         from nnssl_plugins.pretrain.masks.backends.slic import SlicBackend
-        return SlicBackend(**options)
+        return SlicBackend
     if name == "labels":
         from nnssl_plugins.pretrain.masks.backends.labels import LabelsBackend
-        return LabelsBackend(**options)
+        return LabelsBackend
     if name == "sam2":
         from nnssl_plugins.pretrain.masks.backends.sam2 import Sam2Backend
-        return Sam2Backend(**options)
+        return Sam2Backend
     raise UserInputError(f"--backend {name}: unknown backend. Choose one of: {', '.join(BACKENDS)}.")
+
+
+def backend_options(name: str) -> list:
+    """The option names backend `name` accepts (its constructor's keyword arguments)."""
+    params = inspect.signature(backend_class(name).__init__).parameters
+    return [p for p, v in params.items() if p != "self" and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+
+
+def make_backend(name: str, **options):
+    from nnssl_plugins.errors import UserInputError
+
+    cls = backend_class(name)
+    valid = backend_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserInputError(
+            f"--options: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+            f"--backend {name}. Valid options: {', '.join(sorted(valid))}.")
+    return cls(**options)
 
 
 BACKENDS = ("slic", "sam2", "labels")

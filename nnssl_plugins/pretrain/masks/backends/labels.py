@@ -22,7 +22,7 @@ from nnssl_plugins.pretrain.masks.store import CroppedMask, bbox_slices
 class LabelsBackend:
     name = "labels"
 
-    def __init__(self, components: bool = False, min_volume: int = 1000, seed: int = 0, **_):
+    def __init__(self, components: bool = False, min_volume: int = 1000, seed: int = 0):
         self.components = bool(components)
         self.min_volume = int(min_volume)
         self.params = {"components": self.components, "min_volume": self.min_volume,

@@ -30,7 +30,7 @@ class SlicBackend:
 
     def __init__(self, scales_mm: Sequence[float] = (40.0, 25.0, 18.0), compactness: float = 1.0,
                  max_num_iter: int = 5, min_volume: int = 1000, iou_dedup: float = 0.9, seed: int = 0,
-                 background_hu: float = -900.0, **_):
+                 background_hu: float = -900.0):
         self.scales_mm = [float(s) for s in scales_mm]
         self.compactness = float(compactness)
         self.max_num_iter = int(max_num_iter)
