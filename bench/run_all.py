@@ -28,6 +28,7 @@ QUICK = {
     # bench_masks.py: defaults (the 112-slice CT at 1.5 mm, the SLIC goal; ~3.5 min)
     "bench_mass_model.py": ["--configs", "tiny,mid", "--reps", "2"],
     "bench_mass_sampler.py": ["--rounds", "3"],
+    # bench_sam2_cost.py: defaults (30-slice CT, ~1.5 min)
     "step_overhead.py": ["--reps", "3"],
 }
 RATIO = re.compile(r"\bratio\b|÷|/stock| vs |×|PSNR| per real CT|per slice|random read", re.IGNORECASE)

@@ -133,6 +133,10 @@ def test_unknown_and_bad_options_rejected():
         make_backend("sam2", ct_windows="lung", **TINY)
     with pytest.raises(UserInputError, match=r"three \[center, width\] HU pairs"):
         make_backend("sam2", ct_windows=[[40, 400]], **TINY)
+    from nnssl_plugins.cli import generate_masks  # the CLI path: before any dataset is looked up
+
+    with pytest.raises(UserInputError, match=r"unknown option 'crop_layers' for --backend sam2"):
+        generate_masks.main(["-d", "1", "--backend", "sam2", "-device", "cpu", "--options", '{"crop_layers": 1}'])
     be = make_backend("sam2", ct_windows="chest_ct", quantiles=[[2, 98], [10, 90], [0, 100]], **TINY)
     assert be.params["ct_windows"] == [[-600.0, 1500.0], [50.0, 350.0], [500.0, 2000.0]]
     assert be.params["quantiles"][0] == [2.0, 98.0]

@@ -127,8 +127,8 @@ def generate_dataset(dataset, plans: str = DEFAULT_PLANS, backend: str = "slic",
     from tqdm import tqdm
 
     options = dict(backend_options or {})
-    ds = PreprocessedDataset(dataset, plans)
     be = make_backend(backend, **options)  # validates options/checkpoint before any work
+    ds = PreprocessedDataset(dataset, plans)
     if backend == "labels" and not ds.is_labeled():
         raise UserInputError(f"{ds.root}/dataset.json: lists no labels > 0; the labels backend needs a labeled "
                              "dataset. Use --backend slic or sam2.")
