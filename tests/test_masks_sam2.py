@@ -164,6 +164,8 @@ def test_body_mask_and_filter_drop_outside_masks():
     # table cut off at the thin contact (the opening keeps a few voxels right next to it)
     assert body[:, 49:53].sum() < 0.1 * (hu[:, 49:53] > 0).sum()
     assert body.sum() <= body_true.sum() * 1.01 + 2 * 24
+    mr = body_mask((hu - hu.mean()) / hu.std(), None, None, (1.5, 1.5, 1.5), 0)  # no HU: Otsu threshold
+    assert mr[body_true].all() and mr[:, 49:53].sum() < 0.1 * (hu[:, 49:53] > 0).sum()
 
     be = make_backend("sam2", image_size=128, points_per_side=2, crop_n_layers=0, **TINY)
     be._load()

@@ -8,7 +8,8 @@ file and compares. Pipeline per case, in nnU-Net's preprocessed grid (see docs/m
    c150/w1200; HU recovered by inverting nnU-Net's CT normalization, ``windows.py``); MR/PET: quantiles
    (preset ``abdomen_mr``: 5-95/15-85/1-99). Other official presets: ``ct_windows`` / ``quantiles``;
 2. body mask (official: TotalSegmentator ``body``; here: CT HU > -500, MR/PET Otsu, thin contacts such as
-   the table cut by a 3 mm opening, largest component, holes filled per slice);
+   the table cut by a 3 mm opening, largest component, holes filled per slice): MR/PET quantiles are taken
+   over it, seeds span it, the 2D filter uses it. ``body_fraction`` 0 switches all of that off;
 3. slice axis: the finest in-plane resolution (ties -> axis 0). Seed slices every ``interval_mm``
    (30 mm) from the first body slice, at least ``min_seed_slices`` (10) spread evenly over the body;
 4. ``SAM2AutomaticMaskGenerator`` on each seed slice (32 points per side, crop_n_layers 2, box and crop
@@ -531,16 +532,17 @@ class Sam2Backend:
         torch = self._torch
         spacing = [float(s) for s in case.spacing]
         axis = choose_axis(spacing)
-        fg = (case.seg[0] >= 0) if case.seg is not None else None
+        body = body_mask(x, case.hu_inverse, case.seg, spacing, axis) if self.body_fraction > 0 else None
+        # MR/PET quantiles over the body (official), else over nnU-Net's nonzero region
+        fg = body if body is not None else ((case.seg[0] >= 0) if case.seg is not None else None)
         chans = np.stack(three_windows(x, case.hu_inverse, fg, ct_windows=self.ct_windows,
                                        quantiles=self.quantiles), axis=-1)  # (X, Y, Z, 3)
         frames = np.ascontiguousarray(np.moveaxis(chans, axis, 0), dtype=np.float32)  # (N, H, W, 3)
         del chans
         n = frames.shape[0]
-        body = None
         body_range = None
-        if self.body_fraction > 0:
-            body = np.moveaxis(body_mask(x, case.hu_inverse, case.seg, spacing, axis), axis, 0)
+        if body is not None:
+            body = np.moveaxis(body, axis, 0)
             prof = np.flatnonzero(body.reshape(n, -1).any(1))
             body_range = (int(prof[0]), int(prof[-1]))
         seeds = seed_slices(n, spacing[axis], self.interval_mm, self.min_seed_slices, body_range)
