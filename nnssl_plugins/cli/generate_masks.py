@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from nnssl_plugins.cli.training import resolve_device
 from nnssl_plugins.errors import UserInputError, run_cli
 
 
@@ -50,8 +51,6 @@ def main(argv=None) -> int:
             raise UserInputError(f"--options {args.options}: expected a JSON object, e.g. '{{\"crop_n_layers\": 1}}'.")
         opts.update(extra)
     if args.backend == "sam2":
-        from nnssl_plugins.cli.training import resolve_device
-
         opts.update(checkpoint=args.sam2_checkpoint, config=args.sam2_config, device=resolve_device(args.device))
     if args.backend == "labels":
         opts["components"] = args.components

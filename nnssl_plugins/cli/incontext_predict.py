@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from nnssl_plugins.cli.training import resolve_device
 from nnssl_plugins.errors import UserInputError, run_cli
 
 CONFIG = "3d_fullres"
@@ -203,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nnssl_plugins.pretrain.mass import TaskEmbedding, average_embeddings, predict_volume
-
-    from nnssl_plugins.cli.training import resolve_device
 
     device = torch.device(resolve_device(args.device))
     if not os.path.isfile(args.ckpt):

@@ -1,5 +1,7 @@
 """What nnssl_pretrain and nnssl_finetune share: argument checks before anything is written, trainer lookup
-through nnU-Net's own search, and nnU-Net's training loop run so that a rerun resumes or reports the result."""
+through nnU-Net's own search, and nnU-Net's training loop run so that a rerun resumes or reports the result.
+`resolve_device` ("cuda if available, else cpu") is also the -device default of nnssl_incontext_predict and
+nnssl_generate_masks."""
 from __future__ import annotations
 
 import os

@@ -72,6 +72,7 @@ from nnssl_plugins.pretrain.masks.backends import CaseInput
 from nnssl_plugins.pretrain.masks.postprocess import clean_mask, deduplicate
 from nnssl_plugins.pretrain.masks.store import CroppedMask
 from nnssl_plugins.pretrain.masks.windows import resolve_windows, three_windows, to_hu
+from nnssl_plugins.utils import precision
 
 IMG_MEAN = (0.485, 0.456, 0.406)
 IMG_STD = (0.229, 0.224, 0.225)
@@ -407,8 +408,6 @@ class Sam2Backend:
 
     def _precision(self):
         """bf16 autocast + TF32 on CUDA cards with native bf16, fp32 elsewhere (also on older GPUs)."""
-        from nnssl_plugins.utils import precision
-
         stack = contextlib.ExitStack()
         stack.enter_context(precision.tf32(self.device))
         stack.enter_context(precision.autocast(self.device, allow_fp16=False))
