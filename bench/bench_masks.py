@@ -77,7 +77,7 @@ def main():
                           config="configs/sam2.1/sam2.1_hiera_t.yaml", image_size=256, points_per_side=8,
                           pred_iou_thresh=0.0, stability_score_thresh=0.0, max_masks_per_slice=4,
                           crop_n_layers=0, min_area_mm2=45.0, min_volume_mm3=675.0, interval_mm=1000.0,
-                          min_seed_slices=1, device="cpu")
+                          min_seed_slices=1, body_fraction=0.0, device="cpu")  # random masks cover air
         sb._load()
         frame = np.stack([np.clip(x[12], 0, 1)] * 3, -1).astype(np.float32)
         t = time.time()
