@@ -84,6 +84,33 @@ def make_synthetic_dataset(raw_root, dataset_id=990, name="Syn", n_cases=3, labe
     return ds
 
 
+def complete_plans(architecture, patch_size, channels=1, normalization="ZScoreNormalization",
+                   dataset_name="Dataset000_Fake", plans_name="fake", spacing=(1.0, 1.0, 1.0)):
+    """A complete nnU-Net plans dict with one 3d_fullres configuration (what a pretraining checkpoint records)
+    for tests that need plans without planning a dataset."""
+    return {
+        "dataset_name": dataset_name, "plans_name": plans_name, "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": [64, 64, 64], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "test",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): {"max": 1000.0, "mean": 100.0, "median": 90.0, "min": -1000.0, "percentile_00_5": -900.0,
+                     "percentile_99_5": 900.0, "std": 50.0} for c in range(channels)},
+        "configurations": {"3d_fullres": {
+            "data_identifier": f"{plans_name}_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": list(patch_size), "median_image_size_in_voxels": [64.0, 64.0, 64.0],
+            "spacing": list(spacing), "normalization_schemes": [normalization] * channels,
+            "use_mask_for_norm": [False] * channels, "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                   "force_separate_z": None},
+            "architecture": architecture, "batch_dice": False}},
+    }
+
+
 @pytest.fixture
 def test_trainer_dir(tmp_path, monkeypatch):
     """An extra nnUNet_extTrainer folder with stock-derived short trainers for finetuning tests."""

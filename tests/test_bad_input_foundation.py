@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import BIN, make_synthetic_dataset, run_cmd
+from conftest import BIN, complete_plans, make_synthetic_dataset, run_cmd
 
 
 def _cli(module, argv, capsys):
@@ -84,12 +84,7 @@ def _fake_ckpt(path, with_plan=True, channels=1):
     from nnssl_plugins.pretrain.common.adaptation import make_adaptation_plan
 
     arch = resenc_architecture([8, 16, 32], [1, 1, 1])
-    plans = {"dataset_name": "Dataset990_Unlab", "plans_name": "nnsslPlans_MDAE_tiny",
-             "configurations": {"3d_fullres": {"spacing": [1.0, 1.0, 1.0], "patch_size": [32, 32, 32],
-                                               "normalization_schemes": ["CTNormalization"] * channels,
-                                               "use_mask_for_norm": [False] * channels, "architecture": arch,
-                                               "data_identifier": "x", "batch_size": 2}},
-             "foreground_intensity_properties_per_channel": {}}
+    plans = complete_plans(arch, [32, 32, 32], channels, "CTNormalization", "Dataset990_Unlab", "nnsslPlans_MDAE_tiny")
     ck = {"network_weights": {}}
     if with_plan:
         ck["nnssl_adaptation_plan"] = make_adaptation_plan(arch["network_class_name"], arch["arch_kwargs"],

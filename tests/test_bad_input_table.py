@@ -187,14 +187,10 @@ def _cls_labels(ws):
 
 
 def _mdae_plan_without(ws, drop):
-    from nnssl_plugins.pretrain.common.networks import resenc_architecture
-
-    arch = resenc_architecture([8, 16, 32], [1, 1, 1])
-    plans = {"dataset_name": SEG, "plans_name": "nnsslPlans_X", "configurations": {"3d_fullres": {
-        "spacing": [1.0] * 3, "patch_size": [32] * 3, "normalization_schemes": ["CTNormalization"],
-        "use_mask_for_norm": [False], "architecture": arch, "data_identifier": "x", "batch_size": 2}},
-        "foreground_intensity_properties_per_channel": {}}
     from nnssl_plugins.pretrain.common.adaptation import make_adaptation_plan
+
+    plans = json.load(open(os.path.join(ws["pre"], SEG, "nnsslPlans_MDAE_tiny.json")))
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
 
     plan = make_adaptation_plan(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], plans,
                                 1, [32] * 3, method="MDAE")

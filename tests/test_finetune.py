@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+from conftest import complete_plans  # noqa: E402
 from nnssl_plugins.errors import UserInputError  # noqa: E402
 from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, make_adaptation_plan  # noqa: E402
 from nnssl_plugins.pretrain.common.weight_transfer import (  # noqa: E402
@@ -67,8 +68,11 @@ def make_checkpoint(path, arch=RESENC, in_ch=1, kwargs=None, seed=0, extra=True)
     if extra:
         sd["mae_decoder.proj.weight"] = torch.randn(4, 4)
         sd["task_encoder.query"] = torch.randn(1, 10, 8)
-    plan = make_adaptation_plan(arch, kwargs, REQ_IMPORT if arch == RESENC else [], {"plans_name": "fake"}, in_ch,
-                                kwargs.get("input_shape", [32, 32, 32]))
+    patch = kwargs.get("input_shape", [32, 32, 32])
+    req = REQ_IMPORT if arch == RESENC else []
+    plans = complete_plans({"network_class_name": arch, "arch_kwargs": kwargs, "_kw_requires_import": req}, patch,
+                           channels=in_ch)
+    plan = make_adaptation_plan(arch, kwargs, req, plans, in_ch, patch)
     torch.save({"network_weights": sd, ADAPTATION_PLAN_KEY: plan, "current_epoch": 1, "trainer_name": "Fake"}, path)
     return sd
 

@@ -53,7 +53,7 @@ def test_hiend_mae_smoke_eval_and_errors(nnunet_env, tmp_path):
     ckpt = torch.load(ckpt_path, weights_only=True)
     plan = ckpt["nnssl_adaptation_plan"]
     assert plan["method"] == "HiEndMAE" and plan["key_to_encoder"] == "eva"
-    assert plan["architecture_plans"]["arch_class_name"].endswith(".Primus")
+    assert plan["architecture_plans"]["arch_class_name"] == "Primus"  # tiny: no named Primus preset
     pics = sorted(os.listdir(os.path.join(out, "reconstructions")))
     assert "epoch_0000.png" in pics and "epoch_0001.png" in pics  # first and last epoch
     w = ckpt["network_weights"]
@@ -61,7 +61,7 @@ def test_hiend_mae_smoke_eval_and_errors(nnunet_env, tmp_path):
 
     # every key of the downstream Primus built from the checkpoint's plans is present with equal shape
     from dynamic_network_architectures.architectures.primus import Primus
-    kw = dict(plan["architecture_plans"]["arch_kwargs"])
+    kw = dict(plan["nnunet_plans"]["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"])
     down = Primus(input_channels=1, num_classes=plans["nnssl"]["settings"]["downstream_num_classes"], **kw)
     for k, v in down.state_dict().items():
         assert k in w and w[k].shape == v.shape, k
@@ -94,10 +94,13 @@ def test_bad_inputs(nnunet_env, tmp_path):
         plan_and_preprocess(993, "MAESIL", "tiny", patch_size=[32, 30, 32], preprocess=False)
     # a CNN (ResEnc) checkpoint given to the MAE evaluation
     from nnssl_plugins.pretrain.common.adaptation import make_adaptation_plan
+    cnn_plans = json.load(open(os.path.join(nnunet_env["nnUNet_preprocessed"], "Dataset993_Bad", plan_and_preprocess(
+        993, "MDAE", "tiny", preprocess=False) + ".json")))
+    arch = cnn_plans["configurations"]["3d_fullres"]["architecture"]
     fake = {"network_weights": {"encoder.stem.convs.0.conv.weight": torch.zeros(1)},
-            "nnssl_adaptation_plan": make_adaptation_plan(
-                "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet", {}, [],
-                {"plans_name": "x", "configurations": {}}, 1, [32, 32, 32], method="MDAE")}
+            "nnssl_adaptation_plan": make_adaptation_plan(arch["network_class_name"], arch["arch_kwargs"],
+                                                          arch["_kw_requires_import"], cnn_plans, 1, [32, 32, 32],
+                                                          method="MDAE")}
     torch.save(fake, tmp_path / "cnn.pth")
     with pytest.raises(UserInputError, match="MDAE.*CNN|CNN.*MDAE"):
         main(["-ckpt", str(tmp_path / "cnn.pth"), "-d", "993"])

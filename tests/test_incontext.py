@@ -28,7 +28,7 @@ def mass_ckpt(nnunet_env, tmp_path):
     torch.manual_seed(0)
     model = build_mass_model(arch["arch_kwargs"], 1, patch_size=(32, 32, 32))
     ap = make_adaptation_plan(arch_class_name=arch["network_class_name"], arch_kwargs=arch["arch_kwargs"],
-                              arch_kwargs_requiring_import=arch["_kw_requires_import"], pretrain_plan=plans,
+                              arch_kwargs_requiring_import=arch["_kw_requires_import"], nnunet_plans=plans,
                               pretrain_num_input_channels=1, recommended_downstream_patchsize=[32, 32, 32],
                               method="MASS", trainer_name="MASSPretrainTrainer", pretrain_configuration="3d_fullres",
                               mass={"patch_size": [32, 32, 32]})

@@ -62,7 +62,8 @@ def test_maesil_smoke_si_axis_and_eval(nnunet_env, tmp_path):
 
     from dynamic_network_architectures.architectures.primus import Primus
     w = ckpt["network_weights"]
-    down = Primus(input_channels=1, num_classes=2, **plan["architecture_plans"]["arch_kwargs"])
+    down = Primus(input_channels=1, num_classes=2,
+                  **plan["nnunet_plans"]["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"])
     for k, v in down.state_dict().items():
         assert k in w and w[k].shape == v.shape, k
 

@@ -36,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_method(plan: dict, ckpt_path: str) -> str:
+def _check_method(plan, ckpt_path: str) -> str:
     from nnssl_plugins.errors import UserInputError
 
-    method = plan.get("method")
-    arch = str(plan["architecture_plans"]["arch_class_name"]).split(".")[-1]
+    method = plan.method
+    arch = plan.backbone_class()
     if method not in MAE_METHODS or arch != "Primus":
         kind = "a CNN" if arch != "Primus" else "a non-MAE"
         raise UserInputError(
@@ -94,14 +94,13 @@ def evaluate(ckpt_path: str, dataset, n: int = 5, out_dir: str = None, seed: int
     ckpt = safe_torch_load(ckpt_path)
     plan = get_adaptation_plan(ckpt, ckpt_path)
     method = _check_method(plan, ckpt_path)
-    plans = plan["pretrain_plan"]
-    cfg_name = plan.get("pretrain_configuration", "3d_fullres")
+    plans, cfg_name = plan.nnunet_plans, plan.pretrain_configuration
     config = method_config_from_plans(plans, cfg_name)
     if method == "HiEndMAE":
         from nnssl_plugins.pretrain.hiend_mae import build_model, compute_loss
     else:
         from nnssl_plugins.pretrain.maesil import build_model, compute_loss
-    n_in = int(plan["pretrain_num_input_channels"])
+    n_in = plan.pretrain_num_input_channels
     model = build_model(config, n_in)
     weights = ckpt["network_weights"]
     if "up_projection.decode.0.0.weight" not in weights and hasattr(model, "up_projection"):

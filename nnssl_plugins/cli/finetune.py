@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     U.require_env()
     device = resolve_device(args.device)
     plan = get_adaptation_plan(safe_torch_load(args.ckpt), args.ckpt)
-    kind = "primus" if plan["architecture_plans"]["arch_class_name"].endswith("Primus") else "cnn"
+    kind = "primus" if plan.backbone_class() == "Primus" else "cnn"
     default = DEFAULT_TRAINERS[(args.task, kind)]
     trainer_name = default if args.tr is None else (default + args.tr if args.tr.startswith("_") else args.tr)
     find_trainer(trainer_name, args.tr)

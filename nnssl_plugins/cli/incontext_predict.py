@@ -25,8 +25,6 @@ import torch
 from nnssl_plugins.cli.training import resolve_device
 from nnssl_plugins.errors import UserInputError, run_cli
 
-CONFIG = "3d_fullres"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # model / plans
@@ -35,22 +33,22 @@ def load_mass_checkpoint(path: str, device="cpu"):
     """-> (model, plans_manager, configuration_manager, adaptation_plan)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, get_adaptation_plan
     from nnssl_plugins.pretrain.mass import build_mass_model
     from nnssl_plugins.utils.io import safe_torch_load
 
     ckpt = safe_torch_load(path)
-    plan = ckpt.get("nnssl_adaptation_plan") if isinstance(ckpt, dict) else None
-    if not plan:
+    if not isinstance(ckpt, dict) or not ckpt.get(ADAPTATION_PLAN_KEY):
         raise UserInputError(f"-ckpt {path}: no nnssl adaptation plan; not an nnssl pretraining checkpoint. "
                              f"Pass a checkpoint written by MASSPretrainTrainer.")
-    if plan.get("method") != "MASS":
-        raise UserInputError(f"-ckpt {path}: checkpoint of method {plan.get('method')!r}, not MASS. In-context "
+    plan = get_adaptation_plan(ckpt, f"-ckpt {path}")
+    if plan.method != "MASS":
+        raise UserInputError(f"-ckpt {path}: checkpoint of method {plan.method!r}, not MASS. In-context "
                              f"prediction needs a MASS checkpoint (trained with MASSPretrainTrainer).")
-    pm = PlansManager(plan["pretrain_plan"])
-    cm = pm.get_configuration(plan.get("pretrain_configuration", CONFIG))
-    ps = (plan.get("mass") or {}).get("patch_size") or plan["recommended_downstream_patchsize"]
-    model = build_mass_model(plan["architecture_plans"]["arch_kwargs"], int(plan["pretrain_num_input_channels"]),
-                             patch_size=ps)
+    pm = PlansManager(plan.nnunet_plans)
+    cm = pm.get_configuration(plan.pretrain_configuration)
+    ps = (plan.extras.get("mass") or {}).get("patch_size") or plan.recommended_downstream_patchsize
+    model = build_mass_model(cm.network_arch_init_kwargs, plan.pretrain_num_input_channels, patch_size=ps)
     try:
         model.load_state_dict(ckpt["network_weights"])
     except RuntimeError as e:
@@ -209,7 +207,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.ckpt):
         raise UserInputError(f"-ckpt {args.ckpt}: file not found.")
     model, pm, cm, plan = load_mass_checkpoint(args.ckpt, device)
-    n_ch = int(plan["pretrain_num_input_channels"])
+    n_ch = plan.pretrain_num_input_channels
     ps = tuple(int(i) for i in model.patch_size)
     if not args.r and not args.embedding:
         raise UserInputError("give at least one reference (-r IMAGE LABELS) or a saved --embedding.")

@@ -139,7 +139,7 @@ def _run_features(args) -> int:
     if missing:
         raise UserInputError(f"-i {missing[0]}: file not found.")
     model, pm, cm, plan = load_mass_checkpoint(args.ckpt, args.device)
-    n_ch = int(plan["pretrain_num_input_channels"])
+    n_ch = plan.pretrain_num_input_channels
     if len(files) != n_ch:
         raise UserInputError(f"-i {args.image}: {len(files)} channel file(s) but the MASS checkpoint expects {n_ch}. "
                              f"Give all channels comma-separated, in the pretraining order.")

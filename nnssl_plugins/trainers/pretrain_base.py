@@ -261,7 +261,7 @@ class nnsslPretrainTrainer(nnUNetTrainer):
             arch_class_name=cm.network_arch_class_name,
             arch_kwargs=cm.network_arch_init_kwargs,
             arch_kwargs_requiring_import=cm.network_arch_init_kwargs_req_import,
-            pretrain_plan=self.plans_manager.plans,
+            nnunet_plans=self.plans_manager.plans,
             pretrain_num_input_channels=self.num_input_channels,
             recommended_downstream_patchsize=cm.patch_size,
             method=self.method,

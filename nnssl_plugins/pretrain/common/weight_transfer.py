@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nnssl_plugins.errors import UserInputError
-from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, BACKBONE_KEYS
+from nnssl_plugins.pretrain.common.adaptation import ADAPTATION_PLAN_KEY, BACKBONE_KEYS, AdaptationPlan
 from nnssl_plugins.pretrain.common.networks import strip_wrapper_prefixes, unwrap_network
 
 # keys never transferred (segmentation heads depend on the number of classes), as in stock nnU-Net
@@ -127,8 +127,11 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], tgt_
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoint reading
 # ----------------------------------------------------------------------------------------------------------------
-def read_pretrained_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
-    """(network_weights, adaptation plan or None) of a checkpoint file, loaded weights_only."""
+def read_pretrained_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[AdaptationPlan]]:
+    """(network_weights, typed adaptation plan or None) of a checkpoint file, loaded weights_only.
+
+    Reads checkpoints of nnssl_plugins (current and older layout), of DKFZ nnssl, nnU-Net checkpoints and bare
+    state dicts (the last two without a plan)."""
     from nnssl_plugins.utils.io import safe_torch_load
 
     ckpt = safe_torch_load(path, map_location="cpu")
@@ -142,22 +145,8 @@ def read_pretrained_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Opti
             f"(checkpoint_final.pth)."
         )
     weights = strip_wrapper_prefixes(weights)  # saved from DDP / torch.compile networks
-    plan = ckpt.get(ADAPTATION_PLAN_KEY) if isinstance(ckpt, dict) else None
-    return weights, plan
-
-
-def source_token_grid(plan: Optional[dict]) -> Optional[Tuple[int, ...]]:
-    """Token grid of the pretraining ViT (input_shape // patch_embed_size), if the plan records it."""
-    if not plan:
-        return None
-    kw = (plan.get("architecture_plans") or {}).get("arch_kwargs") or {}
-    shape = kw.get("input_shape")
-    patch = kw.get("patch_embed_size")
-    if shape is None:
-        shape = plan.get("recommended_downstream_patchsize")
-    if shape is None or patch is None:
-        return None
-    return tuple(int(s) // int(p) for s, p in zip(shape, patch))
+    raw = ckpt.get(ADAPTATION_PLAN_KEY) if isinstance(ckpt, dict) and "network_weights" in ckpt else None
+    return weights, None if raw is None else AdaptationPlan.from_dict(raw, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,14 +192,16 @@ DEFAULT_FIX = ("The target plans must use the checkpoint's architecture: run `nn
 
 @torch.no_grad()
 def transfer_weights(network: nn.Module, source_weights: Dict[str, torch.Tensor], *, mode: str = "encoder",
-                     backbone: dict, plan: Optional[dict] = None, target_token_grid: Optional[Sequence[int]] = None,
-                     source: str = "checkpoint", fix: str = DEFAULT_FIX) -> TransferReport:
+                     backbone: dict, plan: Optional[AdaptationPlan] = None,
+                     target_token_grid: Optional[Sequence[int]] = None, source: str = "checkpoint",
+                     fix: str = DEFAULT_FIX) -> TransferReport:
     """Copy checkpoint tensors into `network` in place (optimizer references stay valid).
 
     mode 'encoder': stem + encoder only (everything else keeps its fresh initialization);
     mode 'full': every key that exists on both sides (segmentation heads excepted).
     `backbone`: dict with key_to_encoder/key_to_stem/keys_to_in_proj/key_to_lpe (network side names);
-    the checkpoint's adaptation plan, when given, may add in-proj / pos-emb keys.
+    the checkpoint's adaptation plan, when given, may add in-proj / pos-emb keys and gives the pretraining token
+    grid of a learned positional embedding (pretraining patch size // patch_embed_size).
     Encoder keys that are missing or mismatched and not adaptable raise UserInputError naming the key,
     both shapes and `fix`.
     """
@@ -220,9 +211,9 @@ def transfer_weights(network: nn.Module, source_weights: Dict[str, torch.Tensor]
     enc_prefixes = encoder_prefixes(backbone)
     in_proj = {k + ".weight" for k in backbone.get("keys_to_in_proj") or []}
     lpe = backbone.get("key_to_lpe")
-    if plan:
-        in_proj |= {k + ".weight" for k in plan.get("keys_to_in_proj") or []}
-        lpe = lpe or plan.get("key_to_lpe")
+    if plan is not None:
+        in_proj |= {k + ".weight" for k in plan.keys_to_in_proj}
+        lpe = lpe or plan.key_to_lpe
     # resolve in-proj alias names to the canonical ones
     in_proj = {aliases.get(k, k) for k in in_proj}
     report = TransferReport(source=source, mode=mode)
@@ -280,12 +271,12 @@ def transfer_weights(network: nn.Module, source_weights: Dict[str, torch.Tensor]
             continue
         if lpe is not None and key == lpe and src.ndim == 3 and src.shape[0] == 1 and src.shape[2] == tensor.shape[2]:
             n_prefix = int(getattr(getattr(mod, "eva", None), "num_prefix_tokens", 0) or 0)
-            src_grid = _grid_for(src.shape[1] - n_prefix, source_token_grid(plan))
+            src_grid = _grid_for(src.shape[1] - n_prefix, None if plan is None else plan.source_token_grid())
             tgt_grid = _grid_for(tensor.shape[1] - n_prefix, target_token_grid)
             if src_grid is None or tgt_grid is None:
                 raise _incompatible(source, key, src.shape, tensor.shape,
-                                    "The token grid of the positional embedding could not be determined; record "
-                                    "arch_kwargs.input_shape/patch_embed_size in the checkpoint's adaptation plan.")
+                                    "The token grid of the positional embedding could not be determined: the "
+                                    "checkpoint needs an adaptation plan with its pretraining patch size.")
             tensor.copy_(interpolate_pos_embed(src, src_grid, tgt_grid, n_prefix).to(tensor.dtype))
             report.adapted.append((key, tuple(src.shape), tuple(tensor.shape),
                                    f"positional embedding grid {src_grid} -> {tgt_grid}, trilinear"))
@@ -313,10 +304,10 @@ def load_pretrained_into(network: nn.Module, path: str, *, mode: str, backbone: 
     """Read `path`, check the architecture recorded in its plan, transfer, and log the report."""
     weights, plan = read_pretrained_checkpoint(path)
     if plan is not None and expected_arch is not None:
-        ck_arch = (plan.get("architecture_plans") or {}).get("arch_class_name", "")
-        if ck_arch and ck_arch.split(".")[-1] != expected_arch.split(".")[-1]:
+        if plan.backbone_class() != expected_arch.split(".")[-1]:
             raise UserInputError(
-                f"{path}: the checkpoint was pretrained with architecture '{ck_arch}', but this trainer builds "
+                f"{path}: the checkpoint was pretrained with architecture '{plan.architecture_plans.arch_class_name}'"
+                f" (downstream: {plan.backbone_class()}), but this trainer builds "
                 f"'{expected_arch}'. Use nnsslFinetuneTrainer/nnsslClsTrainer for ResidualEncoderUNet checkpoints "
                 f"and nnsslPrimusFinetuneTrainer/nnsslPrimusClsTrainer for Primus checkpoints, with target plans "
                 f"written by nnssl_transfer_plans."
