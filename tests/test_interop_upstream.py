@@ -6,9 +6,9 @@
   and load every stem/encoder tensor unchanged;
 * our trainers import (and are found by name) with nnU-Net master first on sys.path.
 
-Checkpoints: written by our real pretraining trainers (initialize + save_checkpoint) for a ResEnc method (MDAE
-tiny), a Primus that is no named preset (MAESIL tiny: 96-d, 4 layers) and the default Primus-B (Hi-End-MAE default
-preset, patch 32³ to stay small on CPU).
+Checkpoints: written by our real pretraining trainers (initialize + save_checkpoint) for the ResEnc methods (MDAE,
+MASS tiny), a Primus that is no named preset (MAESIL tiny: 96-d, 4 layers) and the default Primus-B (Hi-End-MAE
+default preset, patch 32³ to stay small on CPU).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from interop_peers import NNSSL, NNUNET_MASTER, nnunet_workspace, our_checkpoint
 
 CASES = {  # name: (method, preset, patch size)
     "MDAE_tiny": ("MDAE", "tiny", None),
+    "MASS_tiny": ("MASS", "tiny", None),
     "MAESIL_tiny": ("MAESIL", "tiny", None),
     "HiEndMAE_PrimusB": ("HiEndMAE", "default", [32, 32, 32]),
 }
@@ -55,48 +56,56 @@ import copy, torch
 from nnssl.adaptation_planning.adaptation_plan import AdaptationPlan
 from nnssl.training.nnsslTrainer.AbstractTrainer import AbstractBaseTrainer
 
-ck = torch.load(ARGS["ckpt"], weights_only=True)
-plan = ck["nnssl_adaptation_plan"]
-out = {"nnssl_file": AdaptationPlan.__module__ and sys.modules[AdaptationPlan.__module__].__file__}
-config = next(iter(plan["pretrain_plan"]["configurations"]))
-weights = ck["network_weights"]
-if ARGS.get("drop_prefix"):
-    weights = {k: v for k, v in weights.items() if not k.startswith(ARGS["drop_prefix"])}
-try:
-    ap = AdaptationPlan.from_dict(copy.deepcopy(plan))
-    out["from_dict"] = "ok"
-    out["arch_class_name"] = ap.architecture_plans.arch_class_name
-    out["pretrain_patch_size"] = list(ap.pretrain_plan.configurations[config].patch_size)
-    AbstractBaseTrainer.verify_adaptation_plans(copy.deepcopy(plan), config, weights)
-    out["verify"] = "ok"
-except Exception as e:  # the upstream verdict is the measurement
-    out["error"] = type(e).__name__ + ": " + str(e)[:300]
-report(out)
+results = {"nnssl_file": sys.modules[AdaptationPlan.__module__].__file__}
+for name, job in ARGS["jobs"].items():
+    ck = torch.load(job["ckpt"], weights_only=True)
+    plan = ck["nnssl_adaptation_plan"]
+    config = next(iter(plan["pretrain_plan"]["configurations"]))
+    weights = {k: v for k, v in ck["network_weights"].items() if not k.startswith(job.get("drop_prefix") or "-")}
+    out = results[name] = {}
+    try:
+        ap = AdaptationPlan.from_dict(copy.deepcopy(plan))
+        out["from_dict"] = "ok"
+        out["arch_class_name"] = ap.architecture_plans.arch_class_name
+        out["pretrain_patch_size"] = list(ap.pretrain_plan.configurations[config].patch_size)
+        AbstractBaseTrainer.verify_adaptation_plans(copy.deepcopy(plan), config, weights)
+        out["verify"] = "ok"
+    except Exception as e:  # the upstream verdict is the measurement
+        out["error"] = type(e).__name__ + ": " + str(e)[:300]
+report(results)
 """
 
 
-@pytest.mark.parametrize("name,arch,pretrain_patch", [("MDAE_tiny", "ResidualEncoderUNet", [32, 32, 32]),
-                                                      ("HiEndMAE_PrimusB", "PrimusB", [32, 32, 32])])
-def test_nnssl_parses_and_verifies_our_checkpoint(ours, name, arch, pretrain_patch):
-    res = run_with_peer(NNSSL, NNSSL_CHECK, {"ckpt": ours["ckpts"][name]})
-    assert res["nnssl_file"].startswith(NNSSL)
+@pytest.fixture(scope="module")
+def nnssl_verdicts(ours):
+    """nnssl's AdaptationPlan.from_dict + verify_adaptation_plans on each checkpoint (one subprocess)."""
+    jobs = {name: {"ckpt": path} for name, path in ours["ckpts"].items()}
+    # control: the oracle can fail -- the MDAE checkpoint without one encoder block
+    jobs["MDAE_tiny_without_block"] = {"ckpt": ours["ckpts"]["MDAE_tiny"], "drop_prefix": "encoder.stages.1.blocks.0."}
+    res = run_with_peer(NNSSL, NNSSL_CHECK, {"jobs": jobs})
+    assert res.pop("nnssl_file").startswith(NNSSL)
+    return res
+
+
+@pytest.mark.parametrize("name,arch", [("MDAE_tiny", "ResidualEncoderUNet"), ("MASS_tiny", "ResidualEncoderUNet"),
+                                       ("HiEndMAE_PrimusB", "PrimusB")])
+def test_nnssl_parses_and_verifies_our_checkpoint(nnssl_verdicts, name, arch):
+    res = nnssl_verdicts[name]
     assert res.get("error") is None, res
     assert res["from_dict"] == res["verify"] == "ok"
-    assert res["arch_class_name"] == arch and res["pretrain_patch_size"] == pretrain_patch
+    assert res["arch_class_name"] == arch and res["pretrain_patch_size"] == [32, 32, 32]
 
 
-def test_nnssl_verify_fails_when_an_encoder_tensor_is_missing(ours):
-    """The oracle can fail: the same checkpoint without one encoder tensor is rejected by nnssl's strict load."""
-    res = run_with_peer(NNSSL, NNSSL_CHECK, {"ckpt": ours["ckpts"]["MDAE_tiny"],
-                                             "drop_prefix": "encoder.stages.1.blocks.0."})
+def test_nnssl_verify_fails_when_an_encoder_tensor_is_missing(nnssl_verdicts):
+    res = nnssl_verdicts["MDAE_tiny_without_block"]
     assert res["from_dict"] == "ok" and "verify" not in res
     assert res["error"].startswith("RuntimeError") and "Missing key(s)" in res["error"], res
 
 
-def test_nnssl_cannot_describe_a_primus_that_is_no_named_preset(ours):
+def test_nnssl_cannot_describe_a_primus_that_is_no_named_preset(nnssl_verdicts):
     """nnssl knows the Primus presets S/B/M/L only (DynamicArchitecturePlans has CNN fields): our tiny Primus is
     written for nnU-Net master's PretrainedTrainer_Primusx (encoder_eva_* kwargs), which nnssl rejects."""
-    res = run_with_peer(NNSSL, NNSSL_CHECK, {"ckpt": ours["ckpts"]["MAESIL_tiny"]})
+    res = nnssl_verdicts["MAESIL_tiny"]
     assert "from_dict" not in res
     assert res["error"].startswith("TypeError") and "embed_dim" in res["error"], res
 
@@ -156,29 +165,59 @@ prefixes = (ap["key_to_stem"] + ".", ap["key_to_encoder"] + ".")
 pre = {k: v for k, v in ck["network_weights"].items() if k.startswith(prefixes)}
 out = {"normalization_schemes": cfg["normalization_schemes"], "spacing": cfg["spacing"],
        "patch_size": cfg["patch_size"], "network_class_name": cfg["architecture"]["network_class_name"]}
-for name in ARGS["trainers"]:
+
+
+def load_into(name, plans):
     cls = {"PretrainedTrainer": PretrainedTrainer, "PretrainedTrainer_Primus": PretrainedTrainer_Primus,
            "PretrainedTrainer_Primusx": PretrainedTrainer_Primusx}[name]
-    plans["continue_training"] = False  # as run_training_from_pretrained sets it
+    plans = dict(plans, continue_training=False)  # as run_training_from_pretrained sets it
     tr = cls(plans, "3d_fullres", 0, load_json(join(nnUNet_preprocessed, ds, "dataset.json")), torch.device("cpu"))
     tr.initialize()
     sd = tr.network.state_dict()
-    out[name] = {"class": type(tr.network).__name__, "n": len(pre),
-                 "equal": sum(k in sd and torch.equal(sd[k], v) for k, v in pre.items()),
-                 "differ": [k for k, v in pre.items() if not (k in sd and torch.equal(sd[k], v))][:5]}
+    return {"class": type(tr.network).__name__, "n": len(pre),
+            "equal": sum(k in sd and torch.equal(sd[k], v) for k, v in pre.items()),
+            "differ": [k for k, v in pre.items() if not (k in sd and torch.equal(sd[k], v))][:5]}
+
+
+def case00(plans):  # mean, std, min, max of a preprocessed target image
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    folder = join(nnUNet_preprocessed, ds, plans["configurations"]["3d_fullres"]["data_identifier"])
+    data = infer_dataset_class(folder)(folder).load_case("case00")[0][:]
+    return [float(data.mean()), float(data.std()), float(data.min()), float(data.max())]
+
+
+for name in ARGS["trainers"]:
+    out[name] = load_into(name, plans)
+if ARGS.get("keep_norm"):
+    # docs/interop.md, "Keeping the pretraining normalisation on the upstream path"
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    src = ap["nnunet_plans"]
+    kplans = load_json(join(nnUNet_preprocessed, ds, pl[0]))
+    kcfg = kplans["configurations"]["3d_fullres"]
+    kcfg["normalization_schemes"] = src["configurations"][ap["pretrain_configuration"]]["normalization_schemes"]
+    kplans["foreground_intensity_properties_per_channel"] = src["foreground_intensity_properties_per_channel"]
+    kplans["plans_name"] += "__pretrain_norm"
+    kcfg["data_identifier"] += "__pretrain_norm"
+    save_json(kplans, join(nnUNet_preprocessed, ds, kplans["plans_name"] + ".json"))
+    preprocess_dataset(991, kplans["plans_name"], ("3d_fullres",), (1,))
+    out["keep_norm"] = {"normalization_schemes": kcfg["normalization_schemes"], "zscore_case00": case00(plans),
+                        "pretrain_norm_case00": case00(kplans),
+                        ARGS["trainers"][0]: load_into(ARGS["trainers"][0], kplans)}
 report(out)
 """
 
 
-@pytest.mark.parametrize("name,trainers,network", [
-    ("MDAE_tiny", ["PretrainedTrainer"], "ResidualEncoderUNet"),
-    ("MAESIL_tiny", ["PretrainedTrainer_Primusx"], "Primus"),
-    ("HiEndMAE_PrimusB", ["PretrainedTrainer_Primus", "PretrainedTrainer_Primusx"], "PrimusB"),
+@pytest.mark.parametrize("name,trainers,network,keep_norm", [
+    ("MDAE_tiny", ["PretrainedTrainer"], "ResidualEncoderUNet", False),
+    ("MAESIL_tiny", ["PretrainedTrainer_Primusx"], "Primus", False),
+    ("HiEndMAE_PrimusB", ["PretrainedTrainer_Primus", "PretrainedTrainer_Primusx"], "PrimusB", True),
 ])
-def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, name, trainers, network):
+def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, name, trainers, network, keep_norm):
     # nnU-Net's planner sets torch threads to nnUNet_n_proc_DA (0 is invalid there)
     res = run_with_peer(NNUNET_MASTER, MASTER_LOAD, {"master": NNUNET_MASTER, "ckpt": ours["ckpts"][name],
-                                                     "name": name, "trainers": trainers}, env={"nnUNet_n_proc_DA": "1"})
+                                                     "name": name, "trainers": trainers, "keep_norm": keep_norm},
+                        env={"nnUNet_n_proc_DA": "1"})
     for t in trainers:
         assert res[t]["class"] == network
         assert res[t]["n"] > 20 and res[t]["equal"] == res[t]["n"], res[t]
@@ -187,6 +226,14 @@ def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, name, train
     pre_cfg = torch.load(ours["ckpts"][name], weights_only=True)["nnssl_adaptation_plan"]["pretrain_plan"][
         "configurations"]["3d_fullres"]
     assert res["spacing"] == pre_cfg["spacing"] and res["patch_size"] == pre_cfg["patch_size"] == [32, 32, 32]
+    if keep_norm:  # the recipe of docs/interop.md: the checkpoint's normalisation and statistics, same trainer
+        k = res["keep_norm"]
+        assert k["normalization_schemes"] == pre_cfg["normalization_schemes"] == ["CTNormalization"]
+        assert k[trainers[0]]["equal"] == k[trainers[0]]["n"] == res[trainers[0]]["n"]
+        z, ct = k["zscore_case00"], k["pretrain_norm_case00"]
+        assert abs(z[0]) < 0.05 and abs(z[1] - 1) < 0.05 and z[2] < -1  # Z-score: each image by its own stats
+        # Hi-End-MAE's pretraining window: CT clipped to [-175, 250] HU and scaled to [0, 1]
+        assert 0 <= ct[2] and ct[3] <= 1 + 1e-6 and 0.2 < ct[0] < 0.8, ct
 
 
 MASTER_IMPORT = """

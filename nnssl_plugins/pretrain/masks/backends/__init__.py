@@ -35,6 +35,7 @@ def backend_class(name: str):
         from nnssl_plugins.pretrain.masks.backends.labels import LabelsBackend
         return LabelsBackend
     if name == "sam2":
+        require_sam2()
         from nnssl_plugins.pretrain.masks.backends.sam2 import Sam2Backend
         return Sam2Backend
     raise UserInputError(f"--backend {name}: unknown backend. Choose one of: {', '.join(BACKENDS)}.")
@@ -60,3 +61,17 @@ def make_backend(name: str, **options):
 
 
 BACKENDS = ("slic", "sam2", "labels")
+SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1.0'"
+
+
+def require_sam2() -> None:
+    """`sam2` is an optional dependency (extra `sam2`): one clear error when the SAM2 backend is chosen without it."""
+    from nnssl_plugins.errors import UserInputError
+
+    try:
+        import sam2  # noqa: F401
+    except ImportError:
+        raise UserInputError(
+            f"--backend sam2: the SAM2 mask backend needs the optional package 'sam2' (extra nnssl_plugins[sam2]), "
+            f"which is not installed in this environment. Install it with `{SAM2_INSTALL}` (torch must be installed "
+            f"first: sam2 builds against it), or choose --backend slic or labels.") from None
