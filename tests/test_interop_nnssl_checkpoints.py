@@ -218,7 +218,7 @@ def _preprocess_and_trainer(plans_name, trainer_cls):
     return tr
 
 
-@pytest.mark.parametrize("kind", ["ResEncL", "NoSkipResEncL", "PrimusS"])
+@pytest.mark.parametrize("kind", ["ResEncL", "NoSkipResEncL", "ResidualEncoderUNet", "PrimusS"])
 def test_transfer_finetune_and_classification_take_nnssl_checkpoints(nnssl_ckpts, target, kind):
     from nnssl_plugins.planners.transfer import transfer_plans
     from nnssl_plugins.pretrain.common.weight_transfer import interpolate_pos_embed, unwrap_network
