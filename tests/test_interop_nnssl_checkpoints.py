@@ -241,7 +241,10 @@ def test_transfer_finetune_and_classification_take_nnssl_checkpoints(nnssl_ckpts
     weights = torch.load(ckpt, weights_only=True)["network_weights"]
     primus = kind.startswith("Primus")
     prefixes = ("down_projection.", "eva.") if primus else ("encoder.stem.", "encoder.stages.")
-    for cls in ((nnsslPrimusFinetuneTrainer if primus else nnsslFinetuneTrainer), nnsslClsTrainer_Frozen):
+    trainers = [nnsslPrimusFinetuneTrainer if primus else nnsslFinetuneTrainer]
+    if kind in ("ResEncL", "PrimusS"):  # the classifier's loading is the same code for every CNN
+        trainers.append(nnsslClsTrainer_Frozen)
+    for cls in trainers:
         tr = _preprocess_and_trainer(plans_name, cls)
         report = tr.load_pretrained(ckpt)
         sd = unwrap_network(tr.network).state_dict()

@@ -144,34 +144,27 @@ MASTER_LOAD = """
 import torch
 import nnunetv2
 assert nnunetv2.__file__.startswith(ARGS["master"]), nnunetv2.__file__
-from batchgenerators.utilities.file_and_folder_operations import load_json, join
-from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+from batchgenerators.utilities.file_and_folder_operations import load_json, join, save_json
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess_dataset
 from nnunetv2.experiment_planning.like_nnssl import preprocess_like_nnssl
 from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.pretraining.pretrainedTrainer import PretrainedTrainer, PretrainedTrainer_Primus
 from nnunetv2.training.nnUNetTrainer.pretraining.thrp_primusx_finetuning import PretrainedTrainer_Primusx
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+TRAINERS = {"PretrainedTrainer": PretrainedTrainer, "PretrainedTrainer_Primus": PretrainedTrainer_Primus,
+            "PretrainedTrainer_Primusx": PretrainedTrainer_Primusx}
 ds = "Dataset991_Target"
-if not os.path.isfile(join(nnUNet_preprocessed, ds, "nnUNetPlans.json")):
-    extract_fingerprints([991], num_processes=1)
-    plan_experiments([991])
-preprocess_like_nnssl(991, ARGS["name"], ARGS["ckpt"], "like_pretrained", None, 1, False)
-pl = [f for f in os.listdir(join(nnUNet_preprocessed, ds)) if f.startswith("ptPlans__" + ARGS["name"] + "____")]
-plans = load_json(join(nnUNet_preprocessed, ds, pl[0]))
-cfg = plans["configurations"]["3d_fullres"]
-ck = torch.load(ARGS["ckpt"], weights_only=True)
-ap = ck["nnssl_adaptation_plan"]
-prefixes = (ap["key_to_stem"] + ".", ap["key_to_encoder"] + ".")
-pre = {k: v for k, v in ck["network_weights"].items() if k.startswith(prefixes)}
-out = {"normalization_schemes": cfg["normalization_schemes"], "spacing": cfg["spacing"],
-       "patch_size": cfg["patch_size"], "network_class_name": cfg["architecture"]["network_class_name"]}
+extract_fingerprints([991], num_processes=1)  # the target is planned normally first (like_nnssl needs its plans)
+plan_experiments([991])
 
 
-def load_into(name, plans):
-    cls = {"PretrainedTrainer": PretrainedTrainer, "PretrainedTrainer_Primus": PretrainedTrainer_Primus,
-           "PretrainedTrainer_Primusx": PretrainedTrainer_Primusx}[name]
+def load_into(name, plans, pre):
     plans = dict(plans, continue_training=False)  # as run_training_from_pretrained sets it
-    tr = cls(plans, "3d_fullres", 0, load_json(join(nnUNet_preprocessed, ds, "dataset.json")), torch.device("cpu"))
+    tr = TRAINERS[name](plans, "3d_fullres", 0, load_json(join(nnUNet_preprocessed, ds, "dataset.json")),
+                        torch.device("cpu"))
     tr.initialize()
     sd = tr.network.state_dict()
     return {"class": type(tr.network).__name__, "n": len(pre),
@@ -180,44 +173,71 @@ def load_into(name, plans):
 
 
 def case00(plans):  # mean, std, min, max of a preprocessed target image
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     folder = join(nnUNet_preprocessed, ds, plans["configurations"]["3d_fullres"]["data_identifier"])
     data = infer_dataset_class(folder)(folder).load_case("case00")[0][:]
     return [float(data.mean()), float(data.std()), float(data.min()), float(data.max())]
 
 
-for name in ARGS["trainers"]:
-    out[name] = load_into(name, plans)
-if ARGS.get("keep_norm"):
-    # docs/interop.md, "Keeping the pretraining normalisation on the upstream path"
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-    from batchgenerators.utilities.file_and_folder_operations import save_json
-    src = ap["nnunet_plans"]
-    kplans = load_json(join(nnUNet_preprocessed, ds, pl[0]))
-    kcfg = kplans["configurations"]["3d_fullres"]
-    kcfg["normalization_schemes"] = src["configurations"][ap["pretrain_configuration"]]["normalization_schemes"]
-    kplans["foreground_intensity_properties_per_channel"] = src["foreground_intensity_properties_per_channel"]
-    kplans["plans_name"] += "__pretrain_norm"
-    kcfg["data_identifier"] += "__pretrain_norm"
-    save_json(kplans, join(nnUNet_preprocessed, ds, kplans["plans_name"] + ".json"))
-    preprocess_dataset(991, kplans["plans_name"], ("3d_fullres",), (1,))
-    out["keep_norm"] = {"normalization_schemes": kcfg["normalization_schemes"], "zscore_case00": case00(plans),
-                        "pretrain_norm_case00": case00(kplans),
-                        ARGS["trainers"][0]: load_into(ARGS["trainers"][0], kplans)}
-report(out)
+results = {}
+for job in ARGS["jobs"]:
+    preprocess_like_nnssl(991, job["name"], job["ckpt"], "like_pretrained", None, 1, False)
+    pl = [f for f in os.listdir(join(nnUNet_preprocessed, ds)) if f.startswith("ptPlans__" + job["name"] + "____")]
+    plans = load_json(join(nnUNet_preprocessed, ds, pl[0]))
+    cfg = plans["configurations"]["3d_fullres"]
+    ck = torch.load(job["ckpt"], weights_only=True)
+    ap = ck["nnssl_adaptation_plan"]
+    prefixes = (ap["key_to_stem"] + ".", ap["key_to_encoder"] + ".")
+    pre = {k: v for k, v in ck["network_weights"].items() if k.startswith(prefixes)}
+    out = results[job["name"]] = {"normalization_schemes": cfg["normalization_schemes"], "spacing": cfg["spacing"],
+                                  "patch_size": cfg["patch_size"]}
+    for name in job["trainers"]:
+        out[name] = load_into(name, plans, pre)
+    if job["keep_norm"]:
+        # docs/interop.md, "Keeping the pretraining normalisation" on the upstream trainers
+        src = ap["nnunet_plans"]
+        kplans = load_json(join(nnUNet_preprocessed, ds, pl[0]))
+        kcfg = kplans["configurations"]["3d_fullres"]
+        kcfg["normalization_schemes"] = src["configurations"][ap["pretrain_configuration"]]["normalization_schemes"]
+        kplans["foreground_intensity_properties_per_channel"] = src["foreground_intensity_properties_per_channel"]
+        kplans["plans_name"] += "__pretrain_norm"
+        kcfg["data_identifier"] += "__pretrain_norm"
+        save_json(kplans, join(nnUNet_preprocessed, ds, kplans["plans_name"] + ".json"))
+        preprocess_dataset(991, kplans["plans_name"], ("3d_fullres",), (1,))
+        t = job["trainers"][0]
+        out["keep_norm"] = {"normalization_schemes": kcfg["normalization_schemes"], "zscore_case00": case00(plans),
+                            "pretrain_norm_case00": case00(kplans), t: load_into(t, kplans, pre)}
+
+# our trainers on master: imported, subclasses of master's nnUNetTrainer, found by name through nnUNet_extTrainer
+import nnssl_plugins.trainers as T
+from nnssl_plugins.cli.trainer_path import ensure_trainer_discovery
+
+ensure_trainer_discovery()  # what our .pth hook does at interpreter start
+found = recursive_find_trainer_class_by_name("nnsslPrimusFinetuneTrainer")
+results["our_trainers"] = {
+    "trainers": sorted(n for n, c in vars(T).items() if isinstance(c, type) and issubclass(c, nnUNetTrainer)),
+    "found": found.__name__, "master_base": issubclass(found, nnUNetTrainer)}
+report(results)
 """
 
-
-@pytest.mark.parametrize("name,trainers,network,keep_norm", [
+MASTER_JOBS = [  # (checkpoint, master's trainers that must load it, the network they build, normalisation recipe)
     ("MDAE_tiny", ["PretrainedTrainer"], "ResidualEncoderUNet", False),
     ("MAESIL_tiny", ["PretrainedTrainer_Primusx"], "Primus", False),
     ("HiEndMAE_PrimusB", ["PretrainedTrainer_Primus", "PretrainedTrainer_Primusx"], "PrimusB", True),
-])
-def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, name, trainers, network, keep_norm):
+]
+
+
+@pytest.fixture(scope="module")
+def master_results(ours):
+    jobs = [{"name": n, "ckpt": ours["ckpts"][n], "trainers": t, "keep_norm": k} for n, t, _, k in MASTER_JOBS]
     # nnU-Net's planner sets torch threads to nnUNet_n_proc_DA (0 is invalid there)
-    res = run_with_peer(NNUNET_MASTER, MASTER_LOAD, {"master": NNUNET_MASTER, "ckpt": ours["ckpts"][name],
-                                                     "name": name, "trainers": trainers, "keep_norm": keep_norm},
-                        env={"nnUNet_n_proc_DA": "1"})
+    return run_with_peer(NNUNET_MASTER, MASTER_LOAD, {"master": NNUNET_MASTER, "jobs": jobs},
+                         env={"nnUNet_n_proc_DA": "1"})
+
+
+@pytest.mark.parametrize("name,trainers,network,keep_norm", MASTER_JOBS)
+def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, master_results, name, trainers, network,
+                                                               keep_norm):
+    res = master_results[name]
     for t in trainers:
         assert res[t]["class"] == network
         assert res[t]["n"] > 20 and res[t]["equal"] == res[t]["n"], res[t]
@@ -236,23 +256,8 @@ def test_nnunet_master_pretrained_trainers_load_our_checkpoint(ours, name, train
         assert 0 <= ct[2] and ct[3] <= 1 + 1e-6 and 0.2 < ct[0] < 0.8, ct
 
 
-MASTER_IMPORT = """
-import nnunetv2
-assert nnunetv2.__file__.startswith(ARGS["master"]), nnunetv2.__file__
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-import nnssl_plugins.trainers as T
-from nnssl_plugins.cli.trainer_path import ensure_trainer_discovery
-
-names = [n for n, c in vars(T).items() if isinstance(c, type) and issubclass(c, nnUNetTrainer)]
-ensure_trainer_discovery()  # what our .pth hook does at interpreter start
-found = recursive_find_trainer_class_by_name("nnsslPrimusFinetuneTrainer")
-report({"trainers": sorted(names), "found": found.__name__, "master_base": issubclass(found, nnUNetTrainer)})
-"""
-
-
-def test_our_trainers_import_on_nnunet_master():
-    res = run_with_peer(NNUNET_MASTER, MASTER_IMPORT, {"master": NNUNET_MASTER})
+def test_our_trainers_import_on_nnunet_master(master_results):
+    res = master_results["our_trainers"]
     assert res["found"] == "nnsslPrimusFinetuneTrainer" and res["master_base"]
     for t in ("MDAEPretrainTrainer", "MASSPretrainTrainer", "HiEndMAEPretrainTrainer", "MAESILPretrainTrainer",
               "nnsslFinetuneTrainer", "nnsslPrimusFinetuneTrainer", "nnsslClsTrainer_Frozen"):
